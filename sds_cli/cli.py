@@ -1,0 +1,90 @@
+"""`sds-run`: the Hydra app. Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from .console import console
+from .pruners import ConfigError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "calib", "pruner", "redense", "eval", "experiment")
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def check_overrides(argv: list[str]) -> list[str]:
+    """Validate config-group choices before Hydra sees them (Hydra's own message spans a screen), and
+    let ``model=`` take any hub id or local directory: ``model=org/name`` means ``model=hub model.path=...``."""
+    out = []
+    for arg in argv:
+        group, sep, value = arg.partition("=")
+        group = group.lstrip("+~")
+        if not sep or group not in GROUPS or value in ("", "null"):
+            out.append(arg)
+            continue
+        choices = _choices(group)
+        if group == "model" and value not in choices and "," not in value and ("/" in value or Path(value).exists()):
+            out += ["model=hub", f"model.path={value}"]
+            continue
+        bad = [v for v in value.split(",") if v not in choices]
+        if bad:
+            hint = " (or a hub id / local model directory)" if group == "model" else ""
+            raise ConfigError(f"unknown {group} '{bad[0]}'; choose one of: {', '.join(choices)}{hint}")
+        out.append(arg)
+    return out
+
+
+def _task(cfg: DictConfig) -> int:
+    from .pipeline import report, resolved, run
+    from .record import Record
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    record = Record(out / "results.json", resolved(cfg))
+    try:
+        with record.stage("total"):
+            run(cfg, record)
+    except (ConfigError, FloatingPointError) as err:
+        return _fail(record, str(err))
+    except MemoryError as err:
+        return _fail(record, f"out of memory ({err}); try engine.offload=true, a smaller calib.nsamples or seqlen")
+    except KeyboardInterrupt:
+        return _fail(record, "interrupted", code=130)
+    except Exception as err:  # noqa: BLE001 - an unexpected bug: one line here, the traceback in the run dir
+        if "out of memory" in str(err).lower():
+            return _fail(record, "out of memory; try engine.offload=true, a smaller calib.nsamples or seqlen")
+        (out / "error.log").write_text(traceback.format_exc())
+        return _fail(record, f"{type(err).__name__}: {err} (traceback in {out / 'error.log'})")
+    record.write("ok")
+    report(record)
+    return 0
+
+
+def _fail(record, message: str, code: int = 2) -> int:
+    record.write("failed", message)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return code  # a failed job is recorded; the sweep goes on
+    sys.exit(code)
+
+
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> int:
+    return _task(cfg)
+
+
+def main() -> None:
+    try:
+        sys.argv[1:] = check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    _hydra_main()

@@ -1,0 +1,193 @@
+"""Calibration windows and evaluation texts, from the hub or from a local data root (never silently mixed).
+
+Sampling follows the SparseGPT/Wanda loaders: with ``random.seed(seed)``, C4 draws random documents
+longer than ``seqlen`` and a random window of each; the other sources are tokenized once and draw
+random windows from the token stream."""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .pruners.base import ConfigError
+
+C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
+C4_VALID = "en/c4-validation.00000-of-00008.json.gz"
+
+
+@dataclass
+class Source:
+    """Where one text source's splits come from: ``files`` are relative to ``data.root``."""
+
+    hub: Callable[[str], list[str]]
+    files: dict[str, str] = field(default_factory=dict)
+    read: Callable[[Path], list[str]] = lambda path: [path.read_text(encoding="utf-8")]
+    joiner: dict[str, str] = field(default_factory=dict)
+    documents: bool = False  # calibration draws whole documents (C4) instead of windows of one stream
+
+
+def _hub(path: str, name: str | None = None, column: str = "text", **kwargs) -> Callable[[str], list[str]]:
+    def load(split: str) -> list[str]:
+        from datasets import load_dataset
+
+        try:
+            return list(load_dataset(path, name, split=split, **kwargs)[column])
+        except Exception as err:  # noqa: BLE001 - datasets raises many types for an unreachable hub
+            raise ConfigError(
+                f"cannot load dataset {path}/{name or ''} [{split}] from the hub ({type(err).__name__}); "
+                "offline, set data.root=DIR (or SDS_DATA_ROOT) to a local copy"
+            ) from None
+
+    return load
+
+
+def _raw_rows(path: Path) -> list[str]:
+    """wiki.*.raw lines as the hub's rows: a blank line is "", any other keeps its trailing newline."""
+    return ["" if not line.strip() else line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def _jsonl_gz(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+def _unavailable(what: str) -> Callable[[str], list[str]]:
+    def load(split: str) -> list[str]:
+        raise ConfigError(f"{what} has no hub copy; set data.root=DIR holding it")
+
+    return load
+
+
+SOURCES: dict[str, Source] = {
+    "wikitext2": Source(
+        _hub("wikitext", "wikitext-2-raw-v1"),
+        {"train": "wikitext-2-raw/wiki.train.raw", "test": "wikitext-2-raw/wiki.test.raw"},
+        _raw_rows,
+        {"train": "\n\n", "test": "\n\n"},
+    ),
+    "wikitext2-valid": Source(
+        _hub("wikitext", "wikitext-2-v1"), {"train": "wikitext-2/valid.txt"}, _lines, {"train": "\n"}
+    ),
+    "c4": Source(
+        _hub("allenai/c4", data_files={"train": C4_TRAIN, "validation": C4_VALID}),
+        {"train": f"c4/{C4_TRAIN}", "test": f"c4/{C4_VALID}"},
+        _jsonl_gz,
+        {"test": " "},
+        documents=True,
+    ),
+    "ptb": Source(
+        _hub("ptb_text_only", "penn_treebank", column="sentence"),
+        {"train": "ptb/ptb.train.txt", "test": "ptb/ptb.valid.txt"},
+        _lines,
+        {"train": " ", "test": " "},
+    ),
+    "shakespeare": Source(_unavailable("tinyshakespeare"), {"train": "tinyshakespeare/input.txt"}),
+}
+HUB_SPLITS = {"wikitext2": {"train": "train", "test": "test"}, "wikitext2-valid": {"train": "validation"},
+              "c4": {"train": "train", "test": "validation"}, "ptb": {"train": "train", "test": "validation"}}
+CHOICES = (*SOURCES, "embedded", "file")
+
+
+@functools.cache
+def embedded_texts() -> dict[str, str]:
+    """CPython's bundled documentation (``pydoc_data.topics``): every fifth topic (by name) is held
+    out for evaluation, the rest is calibration text, so the two never overlap."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    return {
+        "train": "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5 != 4),
+        "test": "\n\n".join(topics[n] for i, n in enumerate(names) if i % 5 == 4),
+    }
+
+
+def load_texts(source: str, split: str, root: str | None, path: str | None = None) -> list[str]:
+    """The split's rows (documents for C4), from ``root`` when given, else from the hub."""
+    if source == "embedded":
+        return [embedded_texts()[split]]
+    if source == "file":
+        if not path:
+            raise ConfigError("source 'file' needs a path (e.g. calib.path=corpus.txt)")
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"text file {file} not found")
+        return [file.read_text(encoding="utf-8")]
+    if source not in SOURCES:
+        raise ConfigError(f"unknown data source '{source}'; choose one of: {', '.join(CHOICES)}")
+    spec = SOURCES[source]
+    if split not in spec.files:
+        raise ConfigError(f"data source '{source}' has no {split} split; choose another source")
+    if root is None:
+        return spec.hub(HUB_SPLITS.get(source, {}).get(split, split))
+    file = Path(root).expanduser() / spec.files[split]
+    if not file.is_file():
+        raise ConfigError(f"data.root {root} lacks {spec.files[split]} (needed for {source} {split})")
+    return spec.read(file)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int, root: str | None,
+                        path: str | None = None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token windows drawn as SparseGPT and Wanda draw them."""
+    if nsamples < 1 or seqlen < 2:
+        raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
+    rows = load_texts(source, "train", root, path)
+    rng = random.Random(seed)
+    if source in SOURCES and SOURCES[source].documents:
+        windows = []
+        for _ in range(nsamples):
+            for _attempt in range(100 * len(rows)):
+                ids = tokenize(tokenizer, rows[rng.randint(0, len(rows) - 1)])
+                if len(ids) > seqlen:
+                    break
+            else:
+                raise ConfigError(f"no {source} document is longer than seqlen={seqlen}")
+            start = rng.randint(0, len(ids) - seqlen - 1)
+            windows.append(ids[start : start + seqlen])
+        return torch.stack(windows)
+    joiner = SOURCES[source].joiner.get("train", "") if source in SOURCES else ""
+    ids = tokenize(tokenizer, joiner.join(rows))
+    if len(ids) <= seqlen:
+        raise ConfigError(f"{source} text has {len(ids)} tokens, too short for seqlen={seqlen}")
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def eval_tokens(tokenizer, source: str, root: str | None, path: str | None = None) -> torch.Tensor:
+    """The whole evaluation text tokenized once (C4: the first 1100 validation documents, as SparseGPT)."""
+    rows = load_texts(source, "test", root, path)
+    if source == "c4":
+        rows = rows[:1100]
+    joiner = SOURCES[source].joiner.get("test", "") if source in SOURCES else ""
+    return tokenize(tokenizer, joiner.join(rows))
+
+
+@functools.cache
+def tiny_tokenizer():
+    """A 512-token byte-level BPE trained on the embedded text: a real tokenizer for the tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator([embedded_texts()["train"]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")

@@ -1,0 +1,137 @@
+"""The four stages of Sparse-Dense-Sparse, run and recorded: sparse, dense, sparse, evaluate."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import data
+from .console import bar, console, layer_table, summary
+from .engine import capture
+from .models import decoder_layers, load_model
+from .oneshot import prune_model
+from .perplexity import perplexity, windows
+from .pruners import ConfigError, Pattern, build_pruner
+from .record import Record
+from .redense import RedenseConfig, sds_model, snapshot
+
+EVAL_MAX_WINDOWS = {"c4": 256}  # SparseGPT's C4 protocol: the first 256 windows
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' asked for, but no CUDA GPU is visible; use device=cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"unknown device '{name}'; choose one of: auto, cpu, cuda, cuda:N")
+    return name
+
+
+class Evaluator:
+    """Evaluates the model of each stage on the configured texts (tokenized once) and tasks."""
+
+    def __init__(self, cfg: DictConfig, lm, device: str):
+        self.cfg, self.lm, self.device = cfg.eval, lm, device
+        self.root = cfg.data.root
+        for name in self.cfg.datasets:
+            if name not in data.CHOICES:
+                raise ConfigError(f"unknown eval dataset '{name}'; choose one of: {', '.join(data.CHOICES)}")
+        self.texts = {
+            name: windows(data.eval_tokens(lm.tokenizer, name, self.root, self.cfg.path), self.cfg.seqlen,
+                          self.cfg.max_windows or EVAL_MAX_WINDOWS.get(name))
+            for name in self.cfg.datasets
+        }
+
+    def __call__(self, stage: str) -> dict:
+        model = self.lm.model.to(self.device)
+        results = {}
+        for name, batches in self.texts.items():
+            with bar(f"{stage}: {name} perplexity", len(batches)) as advance:
+                results[f"ppl_{name}"], results[f"tokens_{name}"] = perplexity(
+                    model, batches, self.device, self.cfg.batch_size, advance)
+        if self.cfg.zeroshot.tasks:
+            from .zeroshot import zeroshot
+
+            zs = self.cfg.zeroshot
+            scores = zeroshot(model, self.lm.tokenizer, list(zs.tasks), data_root=self.root,
+                              batch_size=zs.batch_size, limit=zs.limit, num_fewshot=zs.num_fewshot,
+                              device=self.device)
+            results |= {"zeroshot": scores["tasks"], "mean_acc": scores["mean_acc"]}
+        model.to("cpu")
+        return results
+
+
+def run(cfg: DictConfig, record: Record) -> None:
+    torch.manual_seed(cfg.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    device = resolve_device(cfg.device)
+    pattern = Pattern.parse(cfg.sparsity)
+    pruning = cfg.pruner.name != "none"
+    pruner = build_pruner(**cfg.pruner) if pruning else None
+    redense = RedenseConfig(**cfg.redense) if pruning and cfg.redense.name != "none" else None
+    lm = load_model(cfg.model, cfg.dtype)
+    for what, seqlen in (("calib", cfg.calib.seqlen), ("eval", cfg.eval.seqlen)):
+        if lm.max_seqlen and seqlen > lm.max_seqlen:
+            raise ConfigError(f"{what}.seqlen={seqlen} exceeds {lm.name}'s maximum of {lm.max_seqlen} tokens")
+    evaluate = Evaluator(cfg, lm, device)
+    blocks = len(decoder_layers(lm.model))
+
+    if cfg.eval.dense:
+        with record.stage("dense_eval"):
+            record.metrics["dense"] = evaluate("dense")
+    if not pruning:
+        return
+    calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                     cfg.seed, cfg.data.root, cfg.calib.path)
+    dense = snapshot(lm.model, cfg.layers) if redense else None
+
+    with record.stage("oneshot"), bar(f"1 sparse: {cfg.pruner.name} {pattern}", blocks) as advance:
+        stream = capture(lm.model, calib, cfg.engine.batch_size, device, cfg.engine.offload)
+        layers = prune_model(lm.model, stream, pruner, pattern, cfg.layers, lambda i: advance())
+    record.layers["oneshot"] = [asdict(r) for r in layers]
+    with record.stage("oneshot_eval"):
+        record.metrics["oneshot"] = evaluate("oneshot")
+    if not redense:
+        return
+
+    with record.stage("sds"), bar("2-3 dense, sparse: SDS", blocks) as advance:
+        layers = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense, lambda i: advance())
+    record.layers["sds"] = [asdict(r) for r in layers]
+    with record.stage("sds_eval"):
+        record.metrics["sds"] = evaluate("sds")
+
+
+def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
+    """Per-layer rows averaged over blocks, one row per linear name (the full list is in results.json)."""
+    names = list(dict.fromkeys(r["layer"] for r in rows))
+    out = []
+    for name in names:
+        group = [r for r in rows if r["layer"] == name]
+        row = {"layer": name, "blocks": len(group)}
+        for c in columns:
+            row[c] = sum(r[c] for r in group) / len(group)
+        if "kept" in group[0]:
+            row["kept"] = f"sds {sum(r['kept'] == 'sds' for r in group)}/{len(group)}"
+        out.append(row)
+    return out
+
+
+def report(record: Record) -> None:
+    """The closing console summary: per-layer means over blocks, then the stage metrics."""
+    for stage, rows in record.layers.items():
+        columns = ["sparsity", "error", "seconds"] if stage == "oneshot" else [
+            "sparsity", "error_oneshot", "error_redense", "error_final", "seconds"]
+        extra = [] if stage == "oneshot" else ["kept"]
+        console.print(layer_table(f"{stage}: per-layer mean over blocks", by_layer(rows, columns),
+                                  ["layer", "blocks", *columns, *extra]))
+    metrics = {s: {k: v for k, v in m.items() if isinstance(v, float)} for s, m in record.metrics.items()}
+    seconds = {s: record.seconds.get(f"{s}_eval", 0) + record.seconds.get(s, 0) for s in record.metrics}
+    console.print(summary(f"{record.config['model']['name']}  {record.config['pruner']['name']}  "
+                          f"{record.config['sparsity']}", metrics, seconds))
+    console.print(f"results: {record.path}")
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,179 @@
+"""Stages 2 and 3 of Sparse-Dense-Sparse (Li et al., arXiv 2408.10473), from second moments only.
+
+For a linear with dense weight W_d, the layer-wise distillation loss over calibration tokens is
+
+    L(W) = ||W_d X_ref - W X||^2 = tr(W G W^T) - 2 tr(W_d C W^T) + tr(W_d R W_d^T)
+
+with G = X X^T, C = X_ref X^T, R = X_ref X_ref^T (token means, see ``engine.collect``). So every
+iteration costs one [out, in] x [in, in] product, whatever the number of calibration tokens.
+
+Re-dense (step 2) minimizes L / L_0 + l1 |W|_1 / |W_d|_1 + l2 |W|^2 / |W_d|^2 from the pruned weights
+(L_0 = tr(W_d R W_d^T); the normalisation makes one setting fit every layer). Step 3 prunes the
+re-densified weights with the same pruner and adjusts the kept weights by projected gradient on L,
+the mask re-chosen from |W| at every iteration (``adjust_mask: soft``, the paper) or kept (``fixed``)."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import Stream, collect, selected_linears, walk
+from .oneshot import sync
+from .pruners.base import LayerStats, Pattern, Pruner, mask_from_scores
+
+
+@dataclass
+class RedenseConfig:
+    name: str = "sds"
+    inputs: str = "sparse"  # sparse: X from the pruned model ("SD data"); dense: X = X_ref
+    target: str = "dense_outputs"  # dense_outputs: W_d X_ref; dense_weights: W_d X
+    optimizer: str = "fista"  # gd | fista (step = lr / Lipschitz constant) | adam (step = lr * rms(W_d))
+    iters: int = 200
+    lr: float = 1.0
+    l1: float = 0.0
+    l2: float = 0.0
+    adjust: bool = True
+    adjust_iters: int = 200
+    adjust_mask: str = "soft"
+    early_exit: bool = True
+
+
+@dataclass
+class Objective:
+    """The quadratic L(W) of the module docstring plus the sparse regularisers, normalised."""
+
+    dense: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+    ref: torch.Tensor
+    l1: float = 0.0
+    l2: float = 0.0
+
+    def __post_init__(self):
+        self.norm = max(((self.dense @ self.ref) * self.dense).sum().item(), 1e-30)
+        self.target = self.dense @ self.cross  # W_d C
+        self.l1_scale = self.l1 / max(self.dense.abs().sum().item(), 1e-30)
+        self.l2_scale = self.l2 / max(self.dense.square().sum().item(), 1e-30)
+
+    def error(self, w: torch.Tensor) -> float:
+        """Relative reconstruction error L(W) / L_0 (in float64: the terms nearly cancel near W_d)."""
+        w, gram, target = w.double(), self.gram.double(), self.target.double()
+        return max((((w @ gram) * w).sum().item() - 2 * (target * w).sum().item()) / self.norm + 1.0, 0.0)
+
+    def grad(self, w: torch.Tensor) -> torch.Tensor:
+        """Gradient of the smooth part."""
+        return 2 * (w @ self.gram - self.target) / self.norm + 2 * self.l2_scale * w
+
+    def lipschitz(self, steps: int = 30) -> float:
+        v = torch.randn(self.gram.shape[0], device=self.gram.device, generator=None)
+        for _ in range(steps):
+            v = self.gram @ v
+            v = v / v.norm()
+        return 2 * (v @ self.gram @ v).item() / self.norm + 2 * self.l2_scale
+
+
+def _soft_threshold(w: torch.Tensor, t: float) -> torch.Tensor:
+    return w.sign() * (w.abs() - t).clamp_min(0) if t > 0 else w
+
+
+def minimize(obj: Objective, w: torch.Tensor, cfg: RedenseConfig, iters: int, project=None) -> torch.Tensor:
+    """Proximal (projected) first-order descent on ``obj`` from ``w``; ``project`` maps onto a mask."""
+    w = w.clone()
+    if cfg.optimizer == "adam":
+        w.requires_grad_(False)
+        opt = torch.optim.Adam([w], lr=cfg.lr * obj.dense.square().mean().sqrt().item())
+        for _ in range(iters):
+            w.grad = obj.grad(w) + obj.l1_scale * w.sign()
+            opt.step()
+            if project is not None:
+                w.data = project(w.data)
+        return w.detach()
+    step = cfg.lr / obj.lipschitz()
+    prev, y = w, w
+    for k in range(iters):
+        w_next = _soft_threshold(y - step * obj.grad(y), step * obj.l1_scale)
+        if project is not None:
+            w_next = project(w_next)
+        y = w_next + (k / (k + 3)) * (w_next - prev) if cfg.optimizer == "fista" else w_next
+        prev = w_next
+    return prev
+
+
+@dataclass
+class SDSRecord:
+    block: int
+    layer: str
+    sparsity: float
+    error_oneshot: float
+    error_redense: float
+    error_reprune: float
+    error_sds: float
+    error_final: float
+    kept: str
+    seconds: float
+
+
+def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig) -> Objective:
+    gram = stats.ref_gram if cfg.inputs == "dense" else stats.gram
+    cross, ref = (gram, gram) if cfg.target == "dense_weights" or cfg.inputs == "dense" else (stats.cross, stats.ref_gram)
+    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2)
+
+
+def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: Pruner, pattern: Pattern,
+              cfg: RedenseConfig) -> tuple[torch.Tensor, dict]:
+    """Steps 2 and 3 for one linear whose one-shot weights are ``w1``."""
+    obj = _layer_objective(stats, dense, cfg)
+    w2 = minimize(obj, w1, cfg, cfg.iters)
+    gram_stats = LayerStats(gram=obj.gram, tokens=stats.tokens)
+    w3, mask = pruner(w2, gram_stats, pattern)
+    reprune_error = obj.error(w3)
+    if cfg.adjust:
+        keep = ~mask
+        project = (lambda w: w * keep) if cfg.adjust_mask == "fixed" else (
+            lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
+        adj = Objective(dense, obj.gram, obj.cross, obj.ref)
+        w3 = minimize(adj, w3, RedenseConfig(optimizer=cfg.optimizer, lr=cfg.lr), cfg.adjust_iters, project)
+    errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
+              "error_sds": obj.error(w3)}
+    kept = "oneshot" if cfg.early_exit and errors["error_oneshot"] <= errors["error_sds"] else "sds"
+    final = w1 if kept == "oneshot" else w3
+    return final, errors | {"error_final": obj.error(final), "kept": kept, "sparsity": (final == 0).float().mean().item()}
+
+
+def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
+              pattern: Pattern, layers: str, cfg: RedenseConfig, progress=lambda i: None) -> list[SDSRecord]:
+    """Walk the one-shot model block by block; the dense model's own stream runs alongside."""
+    records: list[SDSRecord] = []
+    reference = stream
+
+    def step(i, block, inputs):
+        nonlocal reference
+        linears = selected_linears(block, layers)
+        dense_block = copy.deepcopy(block)
+        dense_linears = selected_linears(dense_block, layers)
+        for name, linear in dense_linears.items():
+            linear.weight.data = dense[i, name].to(linear.weight)
+        stats = collect(block, inputs, list(linears), reference=(dense_block, reference))
+        for name, linear in linears.items():
+            start = time.perf_counter()
+            final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True), dense[i, name].to(linear.weight.device).float(),
+                                    stats[name], pruner, pattern, cfg)
+            linear.weight.data = final.to(linear.weight.dtype)
+            sync(final.device)
+            records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
+        reference = reference.through(dense_block)
+        del dense_block
+
+    walk(model, stream, step, progress)
+    return records
+
+
+def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:
+    """CPU copies of the selected linears' weights, keyed by (block, name)."""
+    from .models import decoder_layers
+
+    return {(i, name): linear.weight.detach().to("cpu", copy=True)
+            for i, block in enumerate(decoder_layers(model))
+            for name, linear in selected_linears(block, layers).items()}
