@@ -57,7 +57,7 @@ def _move_non_block_params(model: nn.Module, layers: nn.ModuleList, device) -> N
     inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
     for module in model.modules():
         for store in (module._parameters, module._buffers):
-            for key, tensor in store.items():
+            for tensor in store.values():
                 if tensor is not None and id(tensor) not in inside:
                     tensor.data = tensor.data.to(device)
 

@@ -61,7 +61,7 @@ def mask_from_scores(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
         groups = score.reshape(rows, cols // pattern.m, pattern.m)
         idx = torch.topk(groups, pattern.m - pattern.n, dim=-1, largest=False).indices
         return mask.reshape_as(groups).scatter_(-1, idx, True).reshape(rows, cols)
-    k = int(round(cols * pattern.sparsity))
+    k = round(cols * pattern.sparsity)
     idx = torch.topk(score, k, dim=1, largest=False).indices
     return mask.scatter_(1, idx, True)
 

@@ -1,0 +1,125 @@
+"""Dense baselines: a cache so a sweep evaluates each model's dense model once, and a check against the
+published dense perplexity, so that a wrong eval protocol shows up before hours of pruning are spent on it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+FORMAT = 1  # bump when the evaluation code changes what a dense metric means
+LIBRARIES = ("torch", "transformers", "datasets", "lm-eval", "sds-cli")
+EVAL_IGNORED = ("name", "dense")  # labels and switches, not inputs of the dense metrics
+PUBLISHED = Path(__file__).with_name("published.yaml")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _device_type(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device.split(":")[0]
+
+
+def _file_id(path: str | None) -> list | None:
+    """A local eval file is named by path, size and mtime: hashing its content would cost more than the cache saves."""
+    if not path or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def key(cfg: dict) -> str:
+    """Hash of exactly what determines the dense metrics (a resolved run config in, so `sparsity`, `pruner`,
+    `redense`, `calib` and `seed` play no part)."""
+    ev = {k: v for k, v in cfg["eval"].items() if k not in EVAL_IGNORED}
+    material = {
+        "format": FORMAT,
+        "model": cfg["model"],
+        "dtype": cfg.get("dtype", "float32"),
+        "tf32": bool(cfg.get("tf32", False)),
+        "device": _device_type(str(cfg.get("device", "auto"))),
+        "eval": ev,
+        "eval_file": _file_id(ev.get("path")),
+        "data_root": str(Path(cfg["data"]["root"]).expanduser().resolve()) if cfg.get("data", {}).get("root") else None,
+        "versions": {name: _version(name) for name in LIBRARIES},
+    }
+    blob = json.dumps(material, sort_keys=True, default=str)
+    return f"{cfg['model']['name'].replace('/', '--')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _path(key: str) -> Path:
+    from .models import cache_root  # imports torch: not at module level, which sds-report imports
+
+    return cache_root() / "dense" / f"{key}.json"
+
+
+def load(key: str) -> dict | None:
+    """The cached dense metrics, or None (a missing or unreadable entry is a miss, never an error)."""
+    try:
+        return json.loads(_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(key: str, metrics: dict) -> Path:
+    """Write atomically: sweep workers may store the same key at once, and a reader never sees half a file."""
+    path = _path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(path)
+    return path
+
+
+@cache
+def published() -> dict:
+    return yaml.safe_load(PUBLISHED.read_text())
+
+
+def norm_sparsity(value) -> str:
+    """0.5, "0.5" and "0.50" are one sparsity; N:M stays as written."""
+    text = str(value).strip()
+    try:
+        return f"{float(text):g}"
+    except ValueError:
+        return text
+
+
+def lookup(**context) -> list[dict]:
+    """Published entries all of whose fields (other than value and source) equal those given."""
+    pub = published()
+    context["model"] = pub["aliases"].get(context.get("model"), context.get("model"))
+    if "sparsity" in context:
+        context["sparsity"] = norm_sparsity(context["sparsity"])
+    found = []
+    for entry in pub["entries"]:
+        fields = {k: norm_sparsity(v) if k == "sparsity" else v for k, v in entry.items() if k not in ("value", "source")}
+        if all(k in context and context[k] == v for k, v in fields.items()):
+            found.append(entry)
+    return found
+
+
+def check_published(model_name: str, seqlen: int, ppl: float, tolerance: float = 0.01) -> str | None:
+    """A warning when a published dense WikiText-2 perplexity of this model at this seqlen exists and `ppl` is
+    more than `tolerance` (relative) off every one of them; None otherwise. Only meaningful for the full protocol
+    (all windows: no eval.max_windows)."""
+    entries = lookup(model=model_name, metric="ppl_wikitext2", seqlen=seqlen, pruner="dense")
+    if not entries or any(abs(ppl / e["value"] - 1) <= tolerance for e in entries):
+        return None
+    ref = entries[0]
+    return (f"WARNING: dense WikiText-2 perplexity of {model_name} at seqlen {seqlen} is {ppl:.2f}, but "
+            f"{ref['source']} reports {ref['value']:.2f} ({100 * (ppl / ref['value'] - 1):+.1f}%, more than "
+            f"{100 * tolerance:g}% off): the eval data or protocol differs from the published one; "
+            f"pruned results will not be comparable")

