@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -32,12 +33,14 @@ def _device_type(device: str) -> str:
     return device.split(":")[0]
 
 
-def _file_id(path: str | None) -> list | None:
-    """A local eval file is named by path, size and mtime: hashing its content would cost more than the cache saves."""
-    if not path or not Path(path).is_file():
+def _local_id(path: str | None) -> list | None:
+    """A local file, or the files of a local model directory, named by path, size and mtime (hashing their content
+    would cost more than the cache saves); None for anything else, e.g. a hub id."""
+    local = Path(path).expanduser() if path else None
+    if not local or not local.exists():
         return None
-    stat = Path(path).stat()
-    return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+    files = sorted(p for p in local.iterdir() if p.is_file()) if local.is_dir() else [local]
+    return [str(local.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def key(cfg: dict) -> str:
@@ -50,13 +53,16 @@ def key(cfg: dict) -> str:
         "dtype": cfg.get("dtype", "float32"),
         "tf32": bool(cfg.get("tf32", False)),
         "device": _device_type(str(cfg.get("device", "auto"))),
+        "model_files": _local_id(cfg["model"].get("path")),
+        "model_package": _version(cfg["model"]["package"]) if cfg["model"].get("package") else None,
         "eval": ev,
-        "eval_file": _file_id(ev.get("path")),
+        "eval_file": _local_id(ev.get("path")),
         "data_root": str(Path(cfg["data"]["root"]).expanduser().resolve()) if cfg.get("data", {}).get("root") else None,
         "versions": {name: _version(name) for name in LIBRARIES},
     }
     blob = json.dumps(material, sort_keys=True, default=str)
-    return f"{cfg['model']['name'].replace('/', '--')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    name = re.sub(r"[^\w.]+", "-", str(cfg["model"]["name"])).strip("-")
+    return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def _path(key: str) -> Path:

@@ -30,7 +30,6 @@ class ReportError(Exception):
 @dataclass
 class Run:
     name: str
-    dir: Path
     data: dict
 
     def cfg(self, *keys, default="?"):
@@ -55,7 +54,7 @@ class Run:
 
 def collect(paths: list[Path]) -> list[Run]:
     """Every results.json under `paths` (or a results.json given itself); an unreadable one is a failed run."""
-    runs = []
+    runs, seen = [], set()
     for root in paths:
         if not root.exists():
             raise ReportError(f"{root}: no such file or directory")
@@ -63,12 +62,16 @@ def collect(paths: list[Path]) -> list[Run]:
         if not files:
             raise ReportError(f"no results.json under {root} (is it a sds-run output or multirun dir?)")
         for file in files:
+            if file.resolve() in seen:  # overlapping PATHs: one row per run
+                continue
+            seen.add(file.resolve())
             try:
                 data = json.loads(file.read_text())
             except (OSError, ValueError) as err:
                 data = {"status": "failed", "error": f"unreadable results.json: {err}"}
-            rel = file.parent.relative_to(root) if root.is_dir() and file.parent != root else Path(file.parent.name)
-            runs.append(Run(str(Path(root.name) / rel) if len(paths) > 1 else str(rel), file.parent, data))
+            top = root if root.is_dir() else root.parent  # a run is named relative to this, or its parent
+            runs.append(Run(str(file.parent.relative_to(top.parent if len(paths) > 1 or file.parent == top else top)),
+                            data))
     return runs
 
 
@@ -94,7 +97,7 @@ def _order(r: Run) -> tuple:
 
 
 def pick_metric(runs: list[Run], asked: str | None) -> str:
-    """The asked perplexity metric; by default ppl_wikitext2, or the only one the runs have."""
+    """The asked perplexity metric; by default ppl_wikitext2, else the first the runs have."""
     available = sorted({k for r in runs for m in (r.data.get("metrics") or {}).values() for k in m
                         if k.startswith("ppl_")})
     if asked and (asked in available or not available):
@@ -150,7 +153,8 @@ def build(runs: list[Run], metric: str, paper: bool = False) -> Table:
 
     columns = [(name, "", lambda r, a=name: getattr(r, a)) for name in ("model", "sparsity", "pruner", "redense")]
     columns += _quantity("", metric, -1, ".2f")
-    if any(r.value(s, "mean_acc") is not None for r in runs for s in STAGES):
+    accuracy = any(r.value(s, "mean_acc") is not None for r in runs for s in STAGES)
+    if accuracy:
         columns += _quantity("acc% ", "mean_acc", +1, ".2f", scale=100)
     if paper:
         columns += [(f"paper {label}", ".2f", lambda r, s=stage: published(r, s)) for stage, label in STAGES.items()]
@@ -164,7 +168,8 @@ def build(runs: list[Run], metric: str, paper: bool = False) -> Table:
     for r in runs:
         table.rows.append([c[2](r) for c in columns])
         table.failed.append(not r.ok)
-    table.notes = [f"paper: {s}" for s in sources] + (["Δ%: ours relative to paper"] if paper else [])
+    table.notes = ((["acc%: mean zero-shot accuracy in %, SDS gain = SDS - one-shot"] if accuracy else [])
+                   + [f"paper: {s}" for s in sources] + (["Δ%: ours relative to paper"] if paper else []))
     return table
 
 
@@ -214,10 +219,10 @@ def print_table(table: Table) -> None:
     from rich.console import Console
     from rich.table import Table as RichTable
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = Console(width=None if sys.stdout.isatty() else 1000)  # piped: whole rows, the table its own width
     rich = RichTable(title=table.title)
     for name, fmt in zip(table.columns, table.formats):
-        rich.add_column(name, justify="right" if fmt else "left", overflow="fold")
+        rich.add_column(name, justify="right" if fmt else "left", no_wrap=name != "status", overflow="fold")
     for row, failed in zip(table.rows, table.failed):
         rich.add_row(*table.cells(row), style="red" if failed else None)
     console.print(rich)
@@ -310,11 +315,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="sds-report", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sds-report", description="Every results.json under run and sweep dirs in one table "
+                      "(console, report.md, report.csv, report.tex), and figures.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run or sweep dirs (searched recursively)")
     parser.add_argument("--out", type=Path, help="where report.{md,csv,tex} and figures go (default: the first PATH)")
     parser.add_argument("--paper", action="store_true", help="add published numbers (sds_cli/published.yaml)")
-    parser.add_argument("--metric", help="perplexity key of results.json (default: ppl_wikitext2 or the only one)")
+    parser.add_argument("--metric", help="perplexity key of results.json (default: ppl_wikitext2, else the first ppl_*)")
     try:
         args = parser.parse_args(argv)
         runs = collect(args.paths)

@@ -38,8 +38,8 @@ def zeroshot(model, tokenizer, tasks: list[str], *, data_root: str | None, batch
                 task.set_config(key="num_fewshot", value=num_fewshot)
             task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
         out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=False)
-        for task, metrics in out["results"].items():
-            scores[task] = {key.removesuffix(",none"): value for key, value in metrics.items()
+        for task in loaded["tasks"]:  # the leaf tasks (a group's own row would count its tasks twice)
+            scores[task] = {key.removesuffix(",none"): value for key, value in out["results"][task].items()
                             if key not in ("alias", "name")}
         if progress:
             progress(1)
@@ -61,15 +61,15 @@ def _build(manager, name: str) -> dict:
     local = f"the local copies {', '.join(LOCAL_TASKS)} (read from data.root=DIR; eval=common-local, paper-local)"
     if name in MANUAL_DATA:
         raise ConfigError(
-            f"zero-shot task '{name}' needs the Story Cloze data, which is given out only on request "
-            "(https://cs.rochester.edu/nlp/rocstories/): lm-eval reads it through the task's dataset_kwargs.data_dir, "
-            f"so list instead the path of a copy of lm_eval/tasks/storycloze/{name}.yaml with `dataset_kwargs: "
-            f"{{data_dir: DIR}}` added, or drop the task (offline: {local})"
+            f"zero-shot task '{name}' has no downloadable data (Story Cloze is given out on request, "
+            "https://cs.rochester.edu/nlp/rocstories/); lm-eval reads a manual download through dataset_kwargs.data_dir: "
+            f"list instead the path of a copy of lm_eval/tasks/storycloze/{name}.yaml with `dataset_kwargs: "
+            f"{{data_dir: DIR}}`, or drop the task (offline: {local})"
         )
     if name not in manager.all_tasks and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
         raise ConfigError(f"unknown zero-shot task '{name}': neither an lm-eval task nor one of {local}")
     try:
-        return manager.load([name])["tasks"]
+        return manager.load([name])
     except OSError as err:  # a local file missing (FileNotFoundError), or the hub out of reach (ConnectionError)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         if name in LOCAL_TASKS:

