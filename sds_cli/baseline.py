@@ -59,10 +59,18 @@ def key(cfg: dict) -> str:
         "eval_file": _local_id(ev.get("path")),
         "data_root": str(Path(cfg["data"]["root"]).expanduser().resolve()) if cfg.get("data", {}).get("root") else None,
         "versions": {name: _version(name) for name in LIBRARIES},
+        "code": _code_version(),
     }
     blob = json.dumps(material, sort_keys=True, default=str)
     name = re.sub(r"[^\w.]+", "-", str(cfg["model"]["name"])).strip("-")
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _code_version() -> str | None:
+    """The commit, so a change to the evaluation code never reuses an older baseline."""
+    from .record import git_commit
+
+    return git_commit()
 
 
 def _path(key: str) -> Path:

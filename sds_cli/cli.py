@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import launch  # noqa: F401 - registers the sds.* resolvers used by launcher configs
 from .console import console
 from .pruners import ConfigError
 

@@ -6,7 +6,7 @@ from dataclasses import asdict
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import data
+from . import baseline, data
 from .console import bar, console, layer_table, summary
 from .engine import capture
 from .models import decoder_layers, load_model
@@ -63,6 +63,22 @@ class Evaluator:
         return results
 
 
+def dense_baseline(cfg: DictConfig, record: Record, evaluate: Evaluator) -> None:
+    """Evaluate the dense model once per (model, eval settings), and warn loudly where its perplexity
+    is off the published one: a library upgrade that breaks a model family shows up here first."""
+    key = baseline.key(record.config)
+    cached = baseline.load(key)
+    with record.stage("dense_eval"):
+        record.metrics["dense"] = cached or evaluate("dense")
+    if cached is None:
+        baseline.store(key, record.metrics["dense"])
+    record.extra["dense_cache"] = {"key": key, "hit": cached is not None}
+    ppl = record.metrics["dense"].get("ppl_wikitext2")
+    if ppl and not cfg.eval.max_windows and (warning := baseline.check_published(cfg.model.name, cfg.eval.seqlen, ppl)):
+        console.print(f"[bold yellow]WARNING: {warning}[/]", soft_wrap=True)
+        record.extra["warnings"] = [warning]
+
+
 def run(cfg: DictConfig, record: Record) -> None:
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
@@ -79,8 +95,7 @@ def run(cfg: DictConfig, record: Record) -> None:
     blocks = len(decoder_layers(lm.model))
 
     if cfg.eval.dense:
-        with record.stage("dense_eval"):
-            record.metrics["dense"] = evaluate("dense")
+        dense_baseline(cfg, record, evaluate)
     if not pruning:
         return
     calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,

@@ -28,8 +28,8 @@ def zeroshot(model, tokenizer, tasks: list[str], *, data_root: str | None, batch
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notices about custom datasets, model kwargs
     root = str(Path(data_root).expanduser().resolve()) if data_root else None
-    manager = _task_manager(root, local_only=all(name in LOCAL_TASKS for name in tasks))
-    built = [_build(manager, name) for name in tasks]
+    local_only = all(name in LOCAL_TASKS for name in tasks)
+    built = [_build(name, root, local_only) for name in tasks]
     lm = HFLM(pretrained=model.to(device), tokenizer=tokenizer, batch_size=batch_size, device=device)
     scores = {}
     for loaded in built:
@@ -56,18 +56,19 @@ def _task_manager(data_root: str | None, local_only: bool):
     return TaskManager(include_path=str(TASK_DIR), include_defaults=not local_only, metadata={"data_root": data_root})
 
 
-def _build(manager, name: str) -> dict:
+def _build(name: str, data_root: str | None, local_only: bool) -> dict:
     """The task (or group) built by lm-eval, its data loaded; ConfigError naming the task otherwise."""
-    local = f"the local copies {', '.join(LOCAL_TASKS)} (read from data.root=DIR; eval=common-local, paper-local)"
+    local = f"the local copies {', '.join(LOCAL_TASKS)} with data.root=DIR (eval=common-local or paper-local)"
     if name in MANUAL_DATA:
         raise ConfigError(
             f"zero-shot task '{name}' has no downloadable data (Story Cloze is given out on request, "
             "https://cs.rochester.edu/nlp/rocstories/); lm-eval reads a manual download through dataset_kwargs.data_dir: "
             f"list instead the path of a copy of lm_eval/tasks/storycloze/{name}.yaml with `dataset_kwargs: "
-            f"{{data_dir: DIR}}`, or drop the task (offline: {local})"
+            f"{{data_dir: DIR}}`, or drop the task; offline, use {local}"
         )
+    manager = _task_manager(data_root, local_only)
     if name not in manager.all_tasks and not (name.endswith((".yaml", ".yml")) and Path(name).is_file()):
-        raise ConfigError(f"unknown zero-shot task '{name}': neither an lm-eval task nor one of {local}")
+        raise ConfigError(f"unknown zero-shot task '{name}': not an lm-eval task; offline tasks: {local}")
     try:
         return manager.load([name])
     except OSError as err:  # a local file missing (FileNotFoundError), or the hub out of reach (ConnectionError)

@@ -1,16 +1,14 @@
 """The block engine with every pruner, and the SDS stages, on tiny models and a real SmolLM2 slice."""
 import pytest
 import torch
+from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
 
 from sds_cli import data
 from sds_cli.engine import capture, collect, selected_linears
 from sds_cli.models import decoder_layers, load_model
 from sds_cli.oneshot import prune_model, relative_error
-from sds_cli.perplexity import perplexity, windows
 from sds_cli.pruners import Pattern, build_pruner
 from sds_cli.redense import RedenseConfig, sds_layer, sds_model, snapshot
-
-from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
 
 
 def tiny(name="tiny-llama", dtype="float32"):
@@ -89,7 +87,7 @@ def test_early_exit_keeps_the_better_of_the_two():
     w, stats = synthetic_layer()
     pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
     w1, _ = pruner(w, stats, pattern)
-    harmful = dict(iters=20, adjust=False, lr=50.0, optimizer="gd")  # a diverging step: SDS gets worse
+    harmful = {"iters": 20, "adjust": False, "lr": 50.0, "optimizer": "gd"}  # a diverging step: SDS gets worse
     kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful))
     assert info["error_sds"] > info["error_oneshot"] and info["kept"] == "oneshot" and torch.equal(kept, w1)
     kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful, early_exit=False))
