@@ -2,6 +2,7 @@
 in-memory evaluation scores exactly what the `lm_eval` CLI reports for the saved model on the same task YAMLs."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from sds_cli.zeroshot import LOCAL_TASKS, TASK_DIR, zeroshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-OPTS = {"batch_size": 2, "limit": 2, "num_fewshot": 0, "device": "cpu"}
+OPTS = {"batch_size": 2, "limit": 3, "num_fewshot": 0, "device": "cpu"}
 
 
 def test_lm_eval_imported_lazily():
@@ -59,8 +60,13 @@ def test_scores_match_the_lm_eval_cli(tmp_path):
          "--tasks", ",".join(tasks), "--include_path", str(TASK_DIR), "--metadata", json.dumps({"data_root": str(DATA)}),
          "--limit", str(OPTS["limit"]), "--batch_size", str(OPTS["batch_size"]), "--device", "cpu",
          "--output_path", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ours = zeroshot(lm.model, lm.tokenizer, tasks, data_root=str(DATA), **OPTS)["tasks"]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two processes on few cores: OpenMP threads oversubscribing them run several times slower
+    try:
+        ours = zeroshot(lm.model, lm.tokenizer, tasks, data_root=str(DATA), **OPTS)["tasks"]
+    finally:
+        torch.set_num_threads(threads)
     log = cli.communicate(timeout=300)[0]
     assert cli.returncode == 0, log[-3000:]
     theirs = json.loads(next(tmp_path.rglob("results_*.json")).read_text())["results"]

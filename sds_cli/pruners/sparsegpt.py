@@ -30,7 +30,8 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
             log.warning("SparseGPT: Hessian not positive definite; retrying with percdamp=%g", percdamp)
         with contextlib.suppress(torch.linalg.LinAlgError):
             L = torch.linalg.cholesky(H + percdamp * mean * eye)
-            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_solve(eye, L)  # = cholesky_inverse(L), many times faster on CPU
+            return torch.linalg.cholesky(inverse, upper=True)
     raise RuntimeError(
         f"SparseGPT: Hessian not positive definite even with percdamp={percdamp:g}; check the calibration "
         "activations (too few tokens, NaN/inf) or raise pruner.percdamp"
