@@ -55,9 +55,10 @@ class Evaluator:
             from .zeroshot import zeroshot
 
             zs = self.cfg.zeroshot
-            scores = zeroshot(model, self.lm.tokenizer, list(zs.tasks), data_root=self.root,
-                              batch_size=zs.batch_size, limit=zs.limit, num_fewshot=zs.num_fewshot,
-                              device=self.device)
+            with bar(f"{stage}: zero-shot", len(zs.tasks)) as advance:
+                scores = zeroshot(model, self.lm.tokenizer, list(zs.tasks), data_root=self.root,
+                                  batch_size=zs.batch_size, limit=zs.limit, num_fewshot=zs.num_fewshot,
+                                  device=self.device, progress=advance)
             results |= {"zeroshot": scores["tasks"], "mean_acc": scores["mean_acc"]}
         model.to("cpu")
         return results

@@ -18,7 +18,8 @@ def zeroshot(model, tokenizer, tasks: list[str], *, data_root: str | None, batch
              limit: float | None, num_fewshot: int, device: str,
              progress: Callable[[int], None] | None = None) -> dict:
     """Scores as the `lm_eval` CLI reports them (its `simple_evaluate` minus the environment report and the
-    reseeding of the global RNGs), one task at a time to report `progress(1)` after each.
+    reseeding of the global RNGs), one task at a time to report `progress(1)` after each: bit-identical to a CLI
+    run of that task; a CLI run of several tasks batches their requests together (float32 rounding, ~1e-7 rel.).
 
     Every task is built (its data loaded) before any is evaluated, so a bad name or missing data fails at once.
     Returns {"tasks": {task: {"acc": .., "acc_stderr": .., ...}}, "mean_acc": mean acc over the tasks}."""
