@@ -28,7 +28,7 @@ from .pruners.base import LayerStats, Pattern, Pruner, mask_from_scores
 class RedenseConfig:
     name: str = "sds"
     inputs: str = "sparse"  # sparse: X from the pruned model ("SD data"); dense: X = X_ref
-    target: str = "dense_outputs"  # dense_outputs: W_d X_ref; dense_weights: W_d X
+    target: str = "dense_weights"  # dense_weights: W_d X; dense_outputs: W_d X_ref (the paper)
     optimizer: str = "fista"  # gd | fista (step = lr / Lipschitz constant) | adam (step = lr * rms(W_d))
     iters: int = 200
     lr: float = 1.0
@@ -144,18 +144,22 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
 
 def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
               pattern: Pattern, layers: str, cfg: RedenseConfig, progress=lambda i: None) -> list[SDSRecord]:
-    """Walk the one-shot model block by block; the dense model's own stream runs alongside."""
+    """Walk the one-shot model block by block; where the objective needs the dense model's inputs,
+    its own stream runs alongside."""
     records: list[SDSRecord] = []
-    reference = stream
+    reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
 
     def step(i, block, inputs):
         nonlocal reference
         linears = selected_linears(block, layers)
-        dense_block = copy.deepcopy(block)
-        dense_linears = selected_linears(dense_block, layers)
-        for name, linear in dense_linears.items():
-            linear.weight.data = dense[i, name].to(linear.weight)
-        stats = collect(block, inputs, list(linears), reference=(dense_block, reference))
+        if reference is None:  # W_d X on the pruned model's inputs: the dense stream is not needed
+            stats = collect(block, inputs, list(linears))
+        else:
+            dense_block = copy.deepcopy(block)
+            for name, linear in selected_linears(dense_block, layers).items():
+                linear.weight.data = dense[i, name].to(linear.weight)
+            stats = collect(block, inputs, list(linears), reference=(dense_block, reference))
+            reference = reference.through(dense_block)
         for name, linear in linears.items():
             start = time.perf_counter()
             final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True), dense[i, name].to(linear.weight.device).float(),
@@ -163,8 +167,6 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
             linear.weight.data = final.to(linear.weight.dtype)
             sync(final.device)
             records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
-        reference = reference.through(dense_block)
-        del dense_block
 
     walk(model, stream, step, progress)
     return records
