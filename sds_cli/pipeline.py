@@ -109,6 +109,8 @@ def run(cfg: DictConfig, record: Record) -> None:
     record.layers["oneshot"] = [asdict(r) for r in layers]
     with record.stage("oneshot_eval"):
         record.metrics["oneshot"] = evaluate("oneshot")
+    if cfg.save.oneshot or (cfg.save.final and not redense):
+        save(lm, record, "model_oneshot" if redense else "model")
     if not redense:
         return
 
@@ -117,6 +119,16 @@ def run(cfg: DictConfig, record: Record) -> None:
     record.layers["sds"] = [asdict(r) for r in layers]
     with record.stage("sds_eval"):
         record.metrics["sds"] = evaluate("sds")
+    if cfg.save.final:
+        save(lm, record, "model")
+
+
+def save(lm, record: Record, name: str) -> None:
+    """The pruned model in Hugging Face format (safetensors) with its tokenizer, inside the run dir."""
+    out = record.path.parent / name
+    lm.model.save_pretrained(out)
+    lm.tokenizer.save_pretrained(out)
+    record.extra.setdefault("saved", {})[name] = str(out)
 
 
 def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:

@@ -7,6 +7,7 @@ from sds_cli import data
 from sds_cli.engine import capture, collect, selected_linears
 from sds_cli.models import decoder_layers, load_model
 from sds_cli.oneshot import prune_model, relative_error
+from sds_cli.perplexity import perplexity, windows
 from sds_cli.pruners import Pattern, build_pruner
 from sds_cli.redense import RedenseConfig, sds_layer, sds_model, snapshot
 
@@ -130,3 +131,19 @@ def test_real_layer_sparsegpt_beats_wanda_beats_magnitude(smollm2_block0, layer,
     errors = [relative_error(w, build_pruner(p)(w, stats[layer], Pattern.parse(sparsity))[0], stats[layer].gram)
               for p in ("sparsegpt", "wanda", "magnitude")]
     assert errors[0] < errors[1] < errors[2], errors
+
+
+def test_saved_model_reloads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, results = run_cli(tmp_path, "model=tiny-llama", "pruner=sparsegpt", "sparsity=2:4", "save.final=true",
+                         "save.oneshot=true", *TINY)
+    lm = load_model(model_cfg("tiny-llama"), "float32")
+    ids = data.eval_tokens(lm.tokenizer, "embedded", None)
+    for stage, folder in (("sds", "model"), ("oneshot", "model_oneshot")):
+        model = AutoModelForCausalLM.from_pretrained(results["saved"][folder])
+        ppl, _ = perplexity(model, windows(ids, 64, 4), "cpu")
+        assert ppl == pytest.approx(results["metrics"][stage]["ppl_embedded"], rel=1e-5)
+        for block in decoder_layers(model):
+            for linear in selected_linears(block, ".*").values():
+                assert (linear.weight == 0).float().mean().item() == 0.5
