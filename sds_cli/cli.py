@@ -1,6 +1,7 @@
 """`sds-run`: the Hydra app. Bad input ends in one line on stderr and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -15,6 +16,8 @@ from .console import console
 from .pruners import ConfigError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
+OOM = "out of memory; try engine.offload=true, a smaller calib.nsamples or calib.seqlen, or dtype=bfloat16"
+RESUME = "; the same command plus resume=true goes on from the last finished block"
 GROUPS = ("model", "calib", "pruner", "redense", "eval", "experiment")
 
 
@@ -55,13 +58,13 @@ def _task(cfg: DictConfig) -> int:
             run(cfg, record)
     except (ConfigError, FloatingPointError) as err:
         return _fail(record, str(err))
-    except MemoryError as err:
-        return _fail(record, f"out of memory ({err}); try engine.offload=true, a smaller calib.nsamples or seqlen")
+    except MemoryError:
+        return _fail(record, OOM + RESUME)
     except KeyboardInterrupt:
-        return _fail(record, "interrupted", code=130)
+        return _fail(record, "interrupted" + RESUME, code=130)
     except Exception as err:  # noqa: BLE001 - an unexpected bug: one line here, the traceback in the run dir
         if "out of memory" in str(err).lower():
-            return _fail(record, "out of memory; try engine.offload=true, a smaller calib.nsamples or seqlen")
+            return _fail(record, OOM + RESUME)
         (out / "error.log").write_text(traceback.format_exc())
         return _fail(record, f"{type(err).__name__}: {err} (traceback in {out / 'error.log'})")
     record.write("ok")
@@ -83,9 +86,16 @@ def _hydra_main(cfg: DictConfig) -> int:
 
 
 def main() -> None:
+    debugging = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own partial traceback
     try:
         sys.argv[1:] = check_overrides(sys.argv[1:])
-    except ConfigError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _hydra_main()
+    except Exception as err:
+        if debugging:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, OSError):
+            message = f"cannot create the run dir ({message}); choose a writable hydra.run.dir / hydra.sweep.dir"
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    _hydra_main()

@@ -6,14 +6,20 @@ that the next block sees the activations of the model as modified so far. Only t
 and (unless offloaded) the activations live on the accelerator."""
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .models import block_linears, decoder_layers
 from .pruners.base import LayerStats
+
+if TYPE_CHECKING:
+    from .checkpoint import StageCheckpoint
 
 
 def _to(obj, device):
@@ -128,24 +134,49 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
                 done[key] = terms
             for k, v in done[key].items():
                 sums[n][k] = sums[n][k] + v if k in sums[n] else v.clone()
+    for n, s in sums.items():
+        if not torch.isfinite(s["gram"]).all():
+            raise FloatingPointError(f"the calibration activations entering {n} contain NaN or Inf "
+                                     "(overflow in a half-precision dtype? try dtype=float32)")
     return {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
 
 
-def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream], None],
-         progress: Callable[[int], None] = lambda i: None) -> Stream:
-    """Visit the blocks in order: move block ``i`` to the device, let ``step`` change it, then
-    recompute its outputs for the next block. Returns the stream leaving the last block."""
-    for i, block in enumerate(decoder_layers(model)):
+def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream], list],
+         progress: Callable[[int], None] = lambda i: None, checkpoint: StageCheckpoint | None = None,
+         layers: str = ".*", skip: Callable[[int, nn.Module], None] = lambda i, block: None) -> list[dict]:
+    """Visit the blocks in order: move block ``i`` to the device, let ``step`` change it and return its
+    per-layer records, then recompute its outputs for the next block. Blocks the ``checkpoint`` holds
+    are restored instead (``skip`` lets a stage keep side streams in step). Returns every record."""
+    blocks = decoder_layers(model)
+    done = checkpoint.finished() if checkpoint else 0
+    records: list[dict] = []
+    for i, block in enumerate(blocks):
         block.to(stream.device)
-        step(i, block, stream)
-        stream = stream.through(block)
+        linears = selected_linears(block, layers)
+        if i < done:
+            records += checkpoint.restore(i, linears)
+            if done < len(blocks):
+                skip(i, block)
+        else:
+            rows = [asdict(r) for r in step(i, block, stream)]
+            if checkpoint:
+                checkpoint.save(i, linears, rows)
+            records += rows
+        if i + 1 < len(blocks) and done < len(blocks):
+            stream = stream.through(block)
         block.to("cpu")
         progress(i)
-    return stream
+    return records
 
 
 def selected_linears(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
-    import re
-
     regex = re.compile(pattern)
     return {n: m for n, m in block_linears(block).items() if regex.search(n)}
+
+
+def mask_fingerprints(model: nn.Module, pattern: str) -> dict[str, str]:
+    """SHA-1 of each selected linear's zero pattern, keyed ``block.name``: two models share a sparsity
+    pattern exactly when their fingerprints match (a saved and reloaded model, a resumed run)."""
+    return {f"{i}.{name}": hashlib.sha1((linear.weight == 0).cpu().numpy().tobytes()).hexdigest()
+            for i, block in enumerate(decoder_layers(model))
+            for name, linear in selected_linears(block, pattern).items()}

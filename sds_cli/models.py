@@ -53,9 +53,10 @@ def _load_hub(cfg, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - transformers and safetensors raise many types for a bad dir or hub
         where = "local directory" if local.exists() else "hub id (is the hub reachable? set HF_HUB_OFFLINE=0)"
-        raise ConfigError(f"cannot load model '{path}' as a {where}: {str(err).splitlines()[0]}") from None
+        reason = (str(err).splitlines() or [""])[0]
+        raise ConfigError(f"cannot load model '{path}' as a {where}: {type(err).__name__}: {reason}") from None
     return model, tokenizer
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import StageCheckpoint
 from .engine import Stream, collect, selected_linears, walk
 from .pruners.base import Pattern, Pruner
 
@@ -32,10 +33,11 @@ class LayerRecord:
 
 
 def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, layers: str,
-                progress=lambda i: None) -> list[LayerRecord]:
-    records: list[LayerRecord] = []
+                progress=lambda i: None, checkpoint: StageCheckpoint | None = None) -> list[dict]:
+    """Stage 1: every selected linear pruned, block by block; returns the per-layer records."""
 
     def step(i, block, inputs):
+        records = []
         linears = selected_linears(block, layers)
         stats = collect(block, inputs, list(linears))
         for name, linear in linears.items():
@@ -47,6 +49,6 @@ def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, layers:
             records.append(LayerRecord(i, name, tuple(weight.shape), mask.float().mean().item(),
                                        relative_error(weight, pruned, stats[name].gram),
                                        time.perf_counter() - start))
+        return records
 
-    walk(model, stream, step, progress)
-    return records
+    return walk(model, stream, step, progress, checkpoint, layers)

@@ -1,14 +1,13 @@
 """The four stages of Sparse-Dense-Sparse, run and recorded: sparse, dense, sparse, evaluate."""
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import baseline, data
+from .checkpoint import Checkpoint
 from .console import bar, console, layer_table, summary
-from .engine import capture
+from .engine import capture, mask_fingerprints, selected_linears
 from .models import decoder_layers, load_model
 from .oneshot import prune_model
 from .perplexity import perplexity, windows
@@ -17,6 +16,8 @@ from .record import Record
 from .redense import RedenseConfig, sds_model, snapshot
 
 EVAL_MAX_WINDOWS = {"c4": 256}  # SparseGPT's C4 protocol: the first 256 windows
+INTEGERS = ("seed", "calib.nsamples", "calib.seqlen", "eval.seqlen", "eval.batch_size", "engine.batch_size",
+            "redense.iters", "redense.adjust_iters")
 
 
 def resolve_device(name: str) -> str:
@@ -80,7 +81,17 @@ def dense_baseline(cfg: DictConfig, record: Record, evaluate: Evaluator) -> None
         record.extra["warnings"] = [warning]
 
 
+def check_integers(cfg: DictConfig) -> None:
+    for key in INTEGERS:
+        value = OmegaConf.select(cfg, key, default=cfg)
+        if value is cfg:  # not in this config (e.g. redense=none has no iterations)
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{key}={value!r} must be a non-negative integer")
+
+
 def run(cfg: DictConfig, record: Record) -> None:
+    check_integers(cfg)
     torch.manual_seed(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     device = resolve_device(cfg.device)
@@ -88,39 +99,61 @@ def run(cfg: DictConfig, record: Record) -> None:
     pruning = cfg.pruner.name != "none"
     pruner = build_pruner(**cfg.pruner) if pruning else None
     redense = RedenseConfig(**cfg.redense) if pruning and cfg.redense.name != "none" else None
+    checkpoint, resumed = Checkpoint.resume(record.path.parent, record.config, cfg.resume)
+    if resumed:
+        record.extra["resumed_from"] = str(resumed)
     lm = load_model(cfg.model, cfg.dtype)
-    for what, seqlen in (("calib", cfg.calib.seqlen), ("eval", cfg.eval.seqlen)):
-        if lm.max_seqlen and seqlen > lm.max_seqlen:
-            raise ConfigError(f"{what}.seqlen={seqlen} exceeds {lm.name}'s maximum of {lm.max_seqlen} tokens")
+    check_model(lm, cfg, pattern if pruning else None)
     evaluate = Evaluator(cfg, lm, device)
+    calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                     cfg.seed, cfg.data.root, cfg.calib.path) if pruning else None
     blocks = len(decoder_layers(lm.model))
 
     if cfg.eval.dense:
         dense_baseline(cfg, record, evaluate)
-    if not pruning:
-        return
-    calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
-                                     cfg.seed, cfg.data.root, cfg.calib.path)
-    dense = snapshot(lm.model, cfg.layers) if redense else None
+    if pruning:
+        dense = snapshot(lm.model, cfg.layers) if redense else None
+        with record.stage("oneshot"), bar(f"1 sparse: {cfg.pruner.name} {pattern}", blocks) as advance:
+            stream = capture(lm.model, calib, cfg.engine.batch_size, device, cfg.engine.offload)
+            record.layers["oneshot"] = prune_model(lm.model, stream, pruner, pattern, cfg.layers,
+                                                   lambda i: advance(), checkpoint.stage("oneshot"))
+        evaluate_stage(record, evaluate, checkpoint, "oneshot")
+        record.extra["mask_sha1"] = {"oneshot": mask_fingerprints(lm.model, cfg.layers)}
+        if cfg.save.oneshot or (cfg.save.final and not redense):
+            save(lm, record, "model_oneshot" if redense else "model")
+    if redense:
+        with record.stage("sds"), bar("2-3 dense, sparse: SDS", blocks) as advance:
+            record.layers["sds"] = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense,
+                                             lambda i: advance(), checkpoint.stage("sds"))
+        evaluate_stage(record, evaluate, checkpoint, "sds")
+        record.extra["mask_sha1"]["sds"] = mask_fingerprints(lm.model, cfg.layers)
+        if cfg.save.final:
+            save(lm, record, "model")
+    checkpoint.clear()
 
-    with record.stage("oneshot"), bar(f"1 sparse: {cfg.pruner.name} {pattern}", blocks) as advance:
-        stream = capture(lm.model, calib, cfg.engine.batch_size, device, cfg.engine.offload)
-        layers = prune_model(lm.model, stream, pruner, pattern, cfg.layers, lambda i: advance())
-    record.layers["oneshot"] = [asdict(r) for r in layers]
-    with record.stage("oneshot_eval"):
-        record.metrics["oneshot"] = evaluate("oneshot")
-    if cfg.save.oneshot or (cfg.save.final and not redense):
-        save(lm, record, "model_oneshot" if redense else "model")
-    if not redense:
-        return
 
-    with record.stage("sds"), bar("2-3 dense, sparse: SDS", blocks) as advance:
-        layers = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense, lambda i: advance())
-    record.layers["sds"] = [asdict(r) for r in layers]
-    with record.stage("sds_eval"):
-        record.metrics["sds"] = evaluate("sds")
-    if cfg.save.final:
-        save(lm, record, "model")
+def check_model(lm, cfg: DictConfig, pattern: Pattern | None) -> None:
+    """Refuse, before any work, what would fail or mislead later: windows longer than the model takes,
+    NaN/Inf weights, and N:M patterns a selected linear's input width cannot hold."""
+    for what, seqlen in (("calib", cfg.calib.seqlen), ("eval", cfg.eval.seqlen)):
+        if lm.max_seqlen and seqlen > lm.max_seqlen:
+            raise ConfigError(f"{what}.seqlen={seqlen} exceeds {lm.name}'s maximum of {lm.max_seqlen} tokens")
+    for name, param in lm.model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise ConfigError(f"model {lm.name} has NaN or Inf weights in {name}; the checkpoint is damaged")
+    if pattern is None or not pattern.nm:
+        return
+    for i, block in enumerate(decoder_layers(lm.model)):
+        for name, linear in selected_linears(block, cfg.layers).items():
+            if linear.in_features % pattern.m:
+                raise ConfigError(f"sparsity {pattern}: block {i} {name} has input width {linear.in_features}, "
+                                  f"not divisible by M={pattern.m}; choose another M or exclude it with layers=")
+
+
+def evaluate_stage(record: Record, evaluate: Evaluator, checkpoint: Checkpoint, stage: str) -> None:
+    with record.stage(f"{stage}_eval"):
+        record.metrics[stage] = checkpoint.metrics(stage) or evaluate(stage)
+    checkpoint.put_metrics(stage, record.metrics[stage])
 
 
 def save(lm, record: Record, name: str) -> None:

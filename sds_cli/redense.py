@@ -19,9 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import StageCheckpoint
 from .engine import Stream, collect, selected_linears, walk
 from .oneshot import sync
-from .pruners.base import LayerStats, Pattern, Pruner, mask_from_scores
+from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
+
+CHOICES = {"inputs": ("sparse", "dense"), "target": ("dense_weights", "dense_outputs"),
+           "optimizer": ("gd", "fista", "adam"), "adjust_mask": ("soft", "fixed")}
 
 
 @dataclass
@@ -38,6 +42,11 @@ class RedenseConfig:
     adjust_iters: int = 200
     adjust_mask: str = "soft"
     early_exit: bool = True
+
+    def __post_init__(self):
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"redense.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}")
 
 
 @dataclass
@@ -143,11 +152,17 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
 
 
 def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
-              pattern: Pattern, layers: str, cfg: RedenseConfig, progress=lambda i: None) -> list[SDSRecord]:
+              pattern: Pattern, layers: str, cfg: RedenseConfig, progress=lambda i: None,
+              checkpoint: StageCheckpoint | None = None) -> list[dict]:
     """Walk the one-shot model block by block; where the objective needs the dense model's inputs,
     its own stream runs alongside."""
-    records: list[SDSRecord] = []
     reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
+
+    def dense_block(i, block):
+        copied = copy.deepcopy(block)
+        for name, linear in selected_linears(copied, layers).items():
+            linear.weight.data = dense[i, name].to(linear.weight)
+        return copied
 
     def step(i, block, inputs):
         nonlocal reference
@@ -155,21 +170,25 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
         if reference is None:  # W_d X on the pruned model's inputs: the dense stream is not needed
             stats = collect(block, inputs, list(linears))
         else:
-            dense_block = copy.deepcopy(block)
-            for name, linear in selected_linears(dense_block, layers).items():
-                linear.weight.data = dense[i, name].to(linear.weight)
-            stats = collect(block, inputs, list(linears), reference=(dense_block, reference))
-            reference = reference.through(dense_block)
+            original = dense_block(i, block)
+            stats = collect(block, inputs, list(linears), reference=(original, reference))
+            reference = reference.through(original)
+        records = []
         for name, linear in linears.items():
             start = time.perf_counter()
-            final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True), dense[i, name].to(linear.weight.device).float(),
-                                    stats[name], pruner, pattern, cfg)
+            final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),
+                                    dense[i, name].to(linear.weight.device).float(), stats[name], pruner, pattern, cfg)
             linear.weight.data = final.to(linear.weight.dtype)
             sync(final.device)
             records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
+        return records
 
-    walk(model, stream, step, progress)
-    return records
+    def skip(i, block):
+        nonlocal reference
+        if reference is not None:
+            reference = reference.through(dense_block(i, block))
+
+    return walk(model, stream, step, progress, checkpoint, layers, skip)
 
 
 def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:

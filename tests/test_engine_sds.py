@@ -4,7 +4,7 @@ import torch
 from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
 
 from sds_cli import data
-from sds_cli.engine import capture, collect, selected_linears
+from sds_cli.engine import capture, collect, mask_fingerprints, selected_linears
 from sds_cli.models import decoder_layers, load_model
 from sds_cli.oneshot import prune_model, relative_error
 from sds_cli.perplexity import perplexity, windows
@@ -33,7 +33,7 @@ def test_every_pruned_linear_has_the_exact_pattern(pruner, sparsity):
     lm, stream = tiny()
     pattern = Pattern.parse(sparsity)
     records = prune_model(lm.model, stream, build_pruner(pruner), pattern, ".*")
-    assert len(records) == 14 and all(0 < r.error < 1 for r in records)
+    assert len(records) == 14 and all(0 < r["error"] < 1 for r in records)
     for block in decoder_layers(lm.model):
         for linear in selected_linears(block, ".*").values():
             assert_exact(linear.weight, pattern)
@@ -66,9 +66,9 @@ def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity):
     dense = snapshot(lm.model, ".*")
     prune_model(lm.model, stream, pruner, pattern, ".*")
     records = sds_model(lm.model, stream, dense, pruner, pattern, ".*", RedenseConfig(iters=50, adjust_iters=50))
-    assert all(r.error_redense < r.error_oneshot for r in records)  # re-dense beats the sparse layer
-    assert all(r.error_final <= r.error_oneshot for r in records)  # early exit never makes a layer worse
-    assert sum(r.kept == "sds" for r in records) > len(records) // 2
+    assert all(r["error_redense"] < r["error_oneshot"] for r in records)  # re-dense beats the sparse layer
+    assert all(r["error_final"] <= r["error_oneshot"] for r in records)  # early exit never makes a layer worse
+    assert sum(r["kept"] == "sds" for r in records) > len(records) // 2
     for block in decoder_layers(lm.model):
         for linear in selected_linears(block, ".*").values():
             assert_exact(linear.weight, pattern)
@@ -144,6 +144,7 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path):
         model = AutoModelForCausalLM.from_pretrained(results["saved"][folder])
         ppl, _ = perplexity(model, windows(ids, 64, 4), "cpu")
         assert ppl == pytest.approx(results["metrics"][stage]["ppl_embedded"], rel=1e-5)
+        assert mask_fingerprints(model, ".*") == results["mask_sha1"][stage]  # the very same pattern
         for block in decoder_layers(model):
             for linear in selected_linears(block, ".*").values():
                 assert (linear.weight == 0).float().mean().item() == 0.5

