@@ -1,6 +1,8 @@
 """The four stages of Sparse-Dense-Sparse, run and recorded: sparse, dense, sparse, evaluate."""
 from __future__ import annotations
 
+import os
+
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -93,6 +95,9 @@ def check_integers(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, record: Record) -> None:
     check_integers(cfg)
     torch.manual_seed(cfg.seed)
+    if cfg.deterministic:  # GPU kernels without run-to-run variation (slower); CPU runs are identical anyway
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     device = resolve_device(cfg.device)
     pattern = Pattern.parse(cfg.sparsity)
