@@ -86,16 +86,21 @@ def _hydra_main(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    debugging = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    debugging = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own partial traceback
     try:
         sys.argv[1:] = check_overrides(sys.argv[1:])
         _hydra_main()
     except Exception as err:
-        if debugging:
+        if debugging == "1":
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError):
             message = f"cannot create the run dir ({message}); choose a writable hydra.run.dir / hydra.sweep.dir"
         console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    finally:
+        if debugging is None:
+            os.environ.pop("HYDRA_FULL_ERROR")
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = debugging

@@ -32,6 +32,27 @@ def run_cli(tmp_path, *overrides, check=True):
     return proc, json.loads(results.read_text()) if results.exists() else None
 
 
+@pytest.fixture
+def run_main(tmp_path, capsys):
+    """`sds-run` inside the test process, without an interpreter start-up per case (for the many short
+    bad-input cases); returns (exit code, stderr, results or None)."""
+    from sds_cli.cli import main
+
+    def run(*overrides):
+        out, argv, code = tmp_path / "run", sys.argv, 0
+        sys.argv = ["sds-run", *overrides, f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            sys.argv = argv
+        results = out / "results.json"
+        return code, capsys.readouterr().err, json.loads(results.read_text()) if results.exists() else None
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     if not HAS_SMOLLM2:

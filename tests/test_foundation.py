@@ -48,13 +48,18 @@ def test_hub_ids_and_bad_group_choices():
     (["model=bogus"], "unknown model 'bogus'"),
     (["sparsity=3:2"], "0 < N < M"),
     (["calib=wikitext2", "data.root=/nonexistent"], "lacks wikitext-2-raw/wiki.train.raw"),
-    (["model=nobody/no-such-model"], "cannot load model 'nobody/no-such-model'"),
 ])
-def test_bad_input_is_one_line_without_success_record(tmp_path, args, message):
-    proc, results = run_cli(tmp_path, "model=tiny-llama", *TINY, *args, check=False)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and message in " ".join(proc.stderr.split())
+def test_bad_input_is_one_line_without_success_record(run_main, args, message):
+    code, stderr, results = run_main("model=tiny-llama", *TINY, *args)
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("error: ") and message in " ".join(stderr.split())
     assert results is None or results["status"] == "failed"
+
+
+def test_unreachable_hub_is_one_line_without_success_record(tmp_path):
+    proc, results = run_cli(tmp_path, "model=nobody/no-such-model", *TINY, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot load model 'nobody/no-such-model' as a hub id" in " ".join(proc.stderr.split())
+    assert results["status"] == "failed"
 
 
 def test_bad_values_in_a_sweep_are_recorded_as_failed_jobs(tmp_path):
