@@ -38,8 +38,8 @@ def run_main(tmp_path, capsys):
     bad-input cases); returns (exit code, stderr, results or None)."""
     from sds_cli.cli import main
 
-    def run(*overrides):
-        out, argv, code = tmp_path / "run", sys.argv, 0
+    def run(*overrides, out=tmp_path / "run"):
+        argv, code = sys.argv, 0
         sys.argv = ["sds-run", *overrides, f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
         try:
             main()

