@@ -22,10 +22,15 @@ def comparable(results):
     return results["metrics"], layers, results["mask_sha1"]
 
 
-def crashed_run(tmp_path, module, function, call, *overrides):
-    """`sds-run` with ``sds_cli.<module>.<function>`` raising KeyboardInterrupt (Ctrl-C) on its ``call``-th call."""
-    code = (f"import sds_cli.{module} as m\nfrom sds_cli.cli import main\nreal, calls = m.{function}, [0]\n"
-            f"def crash(*a, **k):\n    calls[0] += 1\n    if calls[0] == {call}:\n        raise KeyboardInterrupt\n"
+STOPS = {"interrupt": "raise KeyboardInterrupt", "kill": "os.kill(os.getpid(), signal.SIGKILL)"}
+
+
+def crashed_run(tmp_path, module, function, call, *overrides, stop="interrupt"):
+    """`sds-run` stopped on the ``call``-th call of ``sds_cli.<module>.<function>``: by Ctrl-C
+    (KeyboardInterrupt) or by ``kill -9`` (SIGKILL: no handler runs, nothing is written at exit)."""
+    code = (f"import os, signal\nimport sds_cli.{module} as m\nfrom sds_cli.cli import main\n"
+            f"real, calls = m.{function}, [0]\n"
+            f"def crash(*a, **k):\n    calls[0] += 1\n    if calls[0] == {call}:\n        {STOPS[stop]}\n"
             f"    return real(*a, **k)\nm.{function} = crash\nmain()")
     out = tmp_path / "run"
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
@@ -46,11 +51,15 @@ def test_same_config_and_seed_give_identical_results_on_cpu(straight, tmp_path):
     assert other_seed["metrics"]["sds"] != straight[0]["metrics"]["sds"]  # the seed does reach the result
 
 
-@pytest.mark.parametrize("module, function", [("oneshot", "relative_error"), ("redense", "sds_layer")])
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, straight, module, function):
-    proc, first = crashed_run(tmp_path / "a", module, function, 10, *RUN)  # call 10 of 14: inside block 1
-    assert proc.returncode == 130 and "resume=true" in proc.stderr and "Traceback" not in proc.stderr
-    assert '"status": "failed"' in (first / "results.json").read_text()
+@pytest.mark.parametrize("module, function, stop", [("oneshot", "relative_error", "interrupt"),
+                                                    ("redense", "sds_layer", "kill")])
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, straight, module, function, stop):
+    proc, first = crashed_run(tmp_path / "a", module, function, 10, *RUN, stop=stop)  # call 10 of 14: block 1
+    if stop == "interrupt":
+        assert proc.returncode == 130 and "resume=true" in proc.stderr and "Traceback" not in proc.stderr
+        assert '"status": "failed"' in (first / "results.json").read_text()
+    else:
+        assert proc.returncode == -9 and not (first / "results.json").exists()
     assert (first / "checkpoint" / "state.json").is_file()
 
     _, resumed = run_cli(tmp_path / "b", *RUN, "resume=true")
