@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 
 import yaml
+
+from .atomic import write_json
 
 FORMAT = 1  # bump when the evaluation code changes what a dense metric means
 LIBRARIES = ("torch", "transformers", "datasets", "lm-eval", "sds-cli")
@@ -88,13 +89,8 @@ def load(key: str) -> dict | None:
 
 
 def store(key: str, metrics: dict) -> Path:
-    """Write atomically: sweep workers may store the same key at once, and a reader never sees half a file."""
-    path = _path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(path)
-    return path
+    """Written atomically: sweep workers may store the same key at once."""
+    return write_json(_path(key), metrics)
 
 
 @cache

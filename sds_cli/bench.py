@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .console import console
-from .models import block_linears, decoder_layers
+from .engine import model_linears
 from .pruners.base import ConfigError, Pattern, mask_from_scores
 
 TWO_FOUR = Pattern.parse("2:4")
@@ -51,15 +51,13 @@ def is_two_four(weight: torch.Tensor) -> bool:
 
 
 def two_four_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {f"{i}.{n}": lin for i, block in enumerate(decoder_layers(model))
-            for n, lin in block_linears(block).items() if is_two_four(lin.weight)}
+    return {f"{i}.{n}": lin for i, n, lin in model_linears(model) if is_two_four(lin.weight)}
 
 
 def apply_magnitude_two_four(model: nn.Module) -> None:
     """A 2:4 pattern on every decoder linear, for the random-weight shapes."""
-    for block in decoder_layers(model):
-        for linear in block_linears(block).values():
-            linear.weight.data.masked_fill_(mask_from_scores(linear.weight.abs().float(), TWO_FOUR), 0)
+    for _, _, linear in model_linears(model):
+        linear.weight.data.masked_fill_(mask_from_scores(linear.weight.abs().float(), TWO_FOUR), 0)
 
 
 def load(model: str, dtype: torch.dtype) -> nn.Module:

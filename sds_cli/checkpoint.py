@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import write_json
 from .pruners.base import ConfigError
 
 STATE = "state.json"
@@ -39,10 +40,8 @@ class Checkpoint:
         """The checkpoint of this run, taken over from the unfinished run named by ``resume``: ``true``
         finds the newest unfinished run with the same config next to this one, a path names it."""
         root = run_dir / "checkpoint"
-        if not config.get("checkpoint", True) and resume in (None, False):
-            return cls(None, config), None
         if resume in (None, False):
-            return cls(root, config), None
+            return cls(root if config.get("checkpoint", True) else None, config), None
         found = _find(run_dir, config) if resume is True else Path(str(resume)).expanduser()
         source = found / "checkpoint" if found else None
         if source is None or not (source / STATE).is_file():
@@ -67,10 +66,7 @@ class Checkpoint:
 
     def write(self) -> None:
         if self.root:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp = self.root / (STATE + ".tmp")
-            tmp.write_text(json.dumps(self.state, default=str))
-            tmp.replace(self.root / STATE)
+            write_json(self.root / STATE, self.state)
 
     def clear(self) -> None:
         if self.root:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -141,11 +141,11 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     return {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
 
 
-def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream], list],
+def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream, dict[str, nn.Linear]], list],
          progress: Callable[[int], None] = lambda i: None, checkpoint: StageCheckpoint | None = None,
          layers: str = ".*", skip: Callable[[int, nn.Module], None] = lambda i, block: None) -> list[dict]:
-    """Visit the blocks in order: move block ``i`` to the device, let ``step`` change it and return its
-    per-layer records, then recompute its outputs for the next block. Blocks the ``checkpoint`` holds
+    """Visit the blocks in order: move block ``i`` to the device, let ``step`` change its selected
+    linears and return their records, then recompute its outputs for the next block. Blocks the ``checkpoint`` holds
     are restored instead (``skip`` lets a stage keep side streams in step). Returns every record."""
     blocks = decoder_layers(model)
     done = checkpoint.finished() if checkpoint else 0
@@ -158,7 +158,7 @@ def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Strea
             if done < len(blocks):
                 skip(i, block)
         else:
-            rows = [asdict(r) for r in step(i, block, stream)]
+            rows = [asdict(r) for r in step(i, block, stream, linears)]
             if checkpoint:
                 checkpoint.save(i, linears, rows)
             records += rows
@@ -174,9 +174,15 @@ def selected_linears(block: nn.Module, pattern: str) -> dict[str, nn.Linear]:
     return {n: m for n, m in block_linears(block).items() if regex.search(n)}
 
 
+def model_linears(model: nn.Module, pattern: str = ".*") -> Iterator[tuple[int, str, nn.Linear]]:
+    """(block index, name, linear) for every selected linear inside the decoder blocks."""
+    for i, block in enumerate(decoder_layers(model)):
+        for name, linear in selected_linears(block, pattern).items():
+            yield i, name, linear
+
+
 def mask_fingerprints(model: nn.Module, pattern: str) -> dict[str, str]:
     """SHA-1 of each selected linear's zero pattern, keyed ``block.name``: two models share a sparsity
     pattern exactly when their fingerprints match (a saved and reloaded model, a resumed run)."""
     return {f"{i}.{name}": hashlib.sha1((linear.weight == 0).cpu().numpy().tobytes()).hexdigest()
-            for i, block in enumerate(decoder_layers(model))
-            for name, linear in selected_linears(block, pattern).items()}
+            for i, name, linear in model_linears(model, pattern)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import StageCheckpoint
-from .engine import Stream, collect, selected_linears, walk
+from .engine import Stream, collect, walk
 from .pruners.base import Pattern, Pruner
 
 
@@ -36,9 +36,8 @@ def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, layers:
                 progress=lambda i: None, checkpoint: StageCheckpoint | None = None) -> list[dict]:
     """Stage 1: every selected linear pruned, block by block; returns the per-layer records."""
 
-    def step(i, block, inputs):
+    def step(i, block, inputs, linears):
         records = []
-        linears = selected_linears(block, layers)
         stats = collect(block, inputs, list(linears))
         for name, linear in linears.items():
             start = time.perf_counter()

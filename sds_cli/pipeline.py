@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import baseline, data
 from .checkpoint import Checkpoint
 from .console import bar, console, layer_table, summary
-from .engine import capture, mask_fingerprints, selected_linears
+from .engine import capture, mask_fingerprints, model_linears
 from .models import decoder_layers, load_model
 from .oneshot import prune_model
 from .perplexity import perplexity, windows
@@ -148,11 +148,10 @@ def check_model(lm, cfg: DictConfig, pattern: Pattern | None) -> None:
             raise ConfigError(f"model {lm.name} has NaN or Inf weights in {name}; the checkpoint is damaged")
     if pattern is None or not pattern.nm:
         return
-    for i, block in enumerate(decoder_layers(lm.model)):
-        for name, linear in selected_linears(block, cfg.layers).items():
-            if linear.in_features % pattern.m:
-                raise ConfigError(f"sparsity {pattern}: block {i} {name} has input width {linear.in_features}, "
-                                  f"not divisible by M={pattern.m}; choose another M or exclude it with layers=")
+    for i, name, linear in model_linears(lm.model, cfg.layers):
+        if linear.in_features % pattern.m:
+            raise ConfigError(f"sparsity {pattern}: block {i} {name} has input width {linear.in_features}, "
+                              f"not divisible by M={pattern.m}; choose another M or exclude it with layers=")
 
 
 def evaluate_stage(record: Record, evaluate: Evaluator, checkpoint: Checkpoint, stage: str) -> None:

@@ -1,7 +1,6 @@
 """The run record (results.json): what was run, with what, how long, and what came out."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -13,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from .atomic import write_json
 
 PACKAGES = ("torch", "transformers", "datasets", "lm-eval", "hydra-core", "accelerate", "sds-cli")
 
@@ -85,8 +86,4 @@ class Record:
                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(body, indent=2, default=str))
-        tmp.replace(self.path)
-        return self.path
+        return write_json(self.path, body)

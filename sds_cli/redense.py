@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import StageCheckpoint
-from .engine import Stream, collect, selected_linears, walk
+from .engine import Stream, collect, model_linears, selected_linears, walk
 from .oneshot import sync
 from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
 
@@ -164,9 +164,8 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
             linear.weight.data = dense[i, name].to(linear.weight)
         return copied
 
-    def step(i, block, inputs):
+    def step(i, block, inputs, linears):
         nonlocal reference
-        linears = selected_linears(block, layers)
         if reference is None:  # W_d X on the pruned model's inputs: the dense stream is not needed
             stats = collect(block, inputs, list(linears))
         else:
@@ -193,8 +192,4 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
 
 def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:
     """CPU copies of the selected linears' weights, keyed by (block, name)."""
-    from .models import decoder_layers
-
-    return {(i, name): linear.weight.detach().to("cpu", copy=True)
-            for i, block in enumerate(decoder_layers(model))
-            for name, linear in selected_linears(block, layers).items()}
+    return {(i, name): linear.weight.detach().to("cpu", copy=True) for i, name, linear in model_linears(model, layers)}
