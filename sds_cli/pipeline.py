@@ -79,7 +79,7 @@ def dense_baseline(cfg: DictConfig, record: Record, evaluate: Evaluator) -> None
     record.extra["dense_cache"] = {"key": key, "hit": cached is not None}
     ppl = record.metrics["dense"].get("ppl_wikitext2")
     if ppl and not cfg.eval.max_windows and (warning := baseline.check_published(cfg.model.name, cfg.eval.seqlen, ppl)):
-        console.print(f"[bold yellow]WARNING: {warning}[/]", soft_wrap=True)
+        console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)  # the warning says WARNING itself
         record.extra["warnings"] = [warning]
 
 
