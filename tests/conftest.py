@@ -19,11 +19,12 @@ def model_cfg(name: str):
     return OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
 
 
-def run_cli(tmp_path, *overrides, check=True):
-    """Run `sds-run` in a subprocess with its run dir in tmp_path; return (process, results or None)."""
+def run_cli(tmp_path, *overrides, check=True, code="from sds_cli.cli import main; main()"):
+    """Run `sds-run` (or a ``code`` that ends by calling it) in a subprocess with its run dir in tmp_path;
+    return (process, results or None)."""
     out = tmp_path / "run"
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # tests never wait on the hub
-    proc = subprocess.run([sys.executable, "-c", "from sds_cli.cli import main; main()", *overrides,
+    proc = subprocess.run([sys.executable, "-c", code, *overrides,
                            f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env, check=False)
     results = out / "results.json"

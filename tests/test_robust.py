@@ -1,5 +1,4 @@
 """Runs that survive: resume after a crash, determinism, hardened inputs, saved models, the 2:4 bench."""
-import os
 import subprocess
 import sys
 
@@ -32,11 +31,7 @@ def crashed_run(tmp_path, module, function, call, *overrides, stop="interrupt"):
             f"real, calls = m.{function}, [0]\n"
             f"def crash(*a, **k):\n    calls[0] += 1\n    if calls[0] == {call}:\n        {STOPS[stop]}\n"
             f"    return real(*a, **k)\nm.{function} = crash\nmain()")
-    out = tmp_path / "run"
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, *overrides, f"hydra.run.dir={out}"], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=600, check=False)
-    return proc, out
+    return run_cli(tmp_path, *overrides, check=False, code=code)[0], tmp_path / "run"
 
 
 @pytest.fixture(scope="module")
