@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from .models import block_linears, decoder_layers
-from .pruners.base import LayerStats
+from .pruners.base import ConfigError, LayerStats
 
 if TYPE_CHECKING:
     from .checkpoint import StageCheckpoint
@@ -36,27 +37,58 @@ class _Captured(Exception):
     pass
 
 
+class ReplayMismatch(ConfigError):
+    """The engine's block-by-block replay does not reproduce the model's own forward."""
+
+
 @dataclass
 class Stream:
-    """Hidden states entering a block, one tensor per calibration batch, and the keyword inputs
-    (attention mask, positions, rotary embeddings) the blocks need for that batch."""
+    """Hidden states entering block ``index``, one tensor per calibration batch, and for every block
+    and batch the keyword inputs the model's forward hands that block (attention mask, positions,
+    rotary embeddings): blocks of different attention types (sliding-window and global) get different
+    ones. Equal keyword tensors are stored once (``_Interner``)."""
 
     hidden: list[torch.Tensor]
-    kwargs: list[dict]
+    kwargs: list[list[dict]]  # [block][batch]
     device: torch.device
     store: torch.device
+    index: int = 0
 
     def batches(self):
-        for h, kw in zip(self.hidden, self.kwargs):
+        for h, kw in zip(self.hidden, self.kwargs[self.index]):
             yield h.to(self.device), _to(kw, self.device)
 
     @torch.no_grad()
     def through(self, block: nn.Module) -> Stream:
-        out = []
-        for h, kw in self.batches():
-            y = block(h, **kw)
-            out.append((y[0] if isinstance(y, tuple) else y).to(self.store))
-        return Stream(out, self.kwargs, self.device, self.store)
+        """The outputs of ``block`` (block ``index``): the stream entering the next block."""
+        out = [_hidden(block(h, **kw)).to(self.store) for h, kw in self.batches()]
+        return Stream(out, self.kwargs, self.device, self.store, self.index + 1)
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Interner:
+    """Keeps one stored copy of each distinct keyword tensor: the masks and rotary embeddings repeat
+    across blocks of one attention type and across equally shaped batches."""
+
+    def __init__(self, store: torch.device):
+        self.store, self.seen = store, {}
+
+    def __call__(self, obj):
+        if isinstance(obj, torch.Tensor):
+            same = self.seen.setdefault((obj.shape, obj.dtype), [])
+            for kept in same:
+                if torch.equal(kept, obj.to(kept.device)):
+                    return kept
+            same.append(obj.to(self.store))
+            return same[-1]
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(self(o) for o in obj)
+        if isinstance(obj, dict):
+            return {k: self(v) for k, v in obj.items() if k not in ("past_key_value", "past_key_values", "cache")}
+        return obj
 
 
 def _move_non_block_params(model: nn.Module, layers: nn.ModuleList, device) -> None:
@@ -68,32 +100,110 @@ def _move_non_block_params(model: nn.Module, layers: nn.ModuleList, device) -> N
                     tensor.data = tensor.data.to(device)
 
 
+@contextmanager
+def _stubbed(model: nn.Module, device, record: Callable[[int, torch.Tensor, dict], None], kinds: list[int]):
+    """The model with every decoder block replaced by a stub that hands ``record`` what the model's
+    forward gives it, and passes the hidden states on unchanged in the block's own output form
+    (``kinds``: 0 a tensor, k a k-tuple); the last one stops the forward. Embeddings, masks and rotary
+    embeddings still run, so the cost is that of the embeddings alone."""
+    layers = decoder_layers(model)
+
+    def stub(i):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            record(i, h, kw)
+            if i == len(layers) - 1:
+                raise _Captured
+            return (h, *[None] * (kinds[i] - 1)) if kinds[i] else h
+        return forward
+
+    _move_non_block_params(model, layers, device)
+    for i, block in enumerate(layers):
+        block.forward = stub(i)
+    try:
+        yield
+    finally:
+        for block in layers:
+            del block.forward
+        _move_non_block_params(model, layers, "cpu")
+
+
 @torch.no_grad()
-def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device, offload: bool) -> Stream:
-    """Run the embeddings on the calibration windows and keep what enters the first block."""
+def _reference_outputs(model: nn.Module, window: torch.Tensor, device) -> list:
+    """Each block's output (on the CPU) in the model's own forward on ``window``, one block on the
+    device at a time."""
+    layers, outputs = decoder_layers(model), []
+
+    def arrive(block, args):
+        block.to(device)
+
+    def leave(block, args, out):
+        outputs.append(_to(out, "cpu"))
+        block.to("cpu")
+
+    handles = [b.register_forward_pre_hook(arrive) for b in layers] + [b.register_forward_hook(leave) for b in layers]
+    _move_non_block_params(model, layers, device)
+    try:
+        model(window.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        _move_non_block_params(model, layers, "cpu")
+    return outputs
+
+
+@torch.no_grad()
+def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device, offload: bool,
+            kinds: list[int] | None = None) -> Stream:
+    """Run the embeddings on the calibration windows and keep what enters the first block, and for
+    every block the keyword inputs the model's forward gives it. ``kinds`` (each block's output form,
+    from ``check_replay``) saves a forward of one window through the whole model."""
     layers = decoder_layers(model)
     store = torch.device("cpu") if offload else torch.device(device)
-    _move_non_block_params(model, layers, device)
-    hidden, kwargs = [], []
+    kinds = kinds or _kinds(_reference_outputs(model, windows[:1], device))
+    intern = _Interner(store)
+    hidden, kwargs = [], [[] for _ in layers]
 
-    def grab(module, args, kw):
-        kw = dict(kw)
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h.to(store))
-        kwargs.append(_to({k: v for k, v in kw.items() if k not in ("past_key_value", "past_key_values")}, store))
-        raise _Captured
+    def record(i, h, kw):
+        if i == 0:
+            hidden.append(h.to(store))
+        kwargs[i].append(intern(kw))
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
+    with _stubbed(model, device, record, kinds):
         for batch in windows.split(batch_size):
             try:
                 model(batch.to(device), use_cache=False)
             except _Captured:
                 pass
-    finally:
-        handle.remove()
-        _move_non_block_params(model, layers, "cpu")
     return Stream(hidden, kwargs, torch.device(device), store)
+
+
+@torch.no_grad()
+def check_replay(model: nn.Module, window: torch.Tensor, device, tolerance: float) -> tuple[list[float], list[int]]:
+    """Replay ``window`` block by block as every stage does (captured inputs, each block fed the one
+    before it) and compare each block's output with the model's own forward; the relative difference
+    per block. Raises ``ReplayMismatch`` naming the first block beyond ``tolerance``: a model whose
+    forward does more between blocks than the engine replays is refused, never pruned wrongly.
+    Also returns each block's output form for ``capture``."""
+    reference = _reference_outputs(model, window, device)
+    stream = capture(model, window, 1, device, offload=True, kinds=_kinds(reference))
+    diffs = []
+    for i, block in enumerate(decoder_layers(model)):
+        block.to(device)
+        stream = stream.through(block)
+        block.to("cpu")
+        want = _hidden(reference[i]).to(stream.hidden[0])
+        diffs.append(((stream.hidden[0] - want).norm() / want.norm().clamp_min(1e-30)).item())
+        if not diffs[-1] <= tolerance:
+            raise ReplayMismatch(
+                f"block {i} ({type(block).__name__}) replayed on its captured inputs differs from "
+                f"{type(model).__name__}'s own forward by {diffs[-1]:.2e} (relative, tolerance {tolerance:g}); "
+                "the engine cannot prune this model family faithfully")
+    return diffs, _kinds(reference)
+
+
+def _kinds(outputs: list) -> list[int]:
+    return [len(out) if isinstance(out, tuple) else 0 for out in outputs]
 
 
 @torch.no_grad()
@@ -101,10 +211,11 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
             reference: tuple[nn.Module, Stream] | None = None) -> dict[str, LayerStats]:
     """Per-linear input statistics over the stream: the mean of x x^T; with a ``reference`` (the dense
     block and its own stream) also the cross term x_ref x^T and the reference's own x_ref x_ref^T.
-    Linears fed the same tensor (q/k/v) share one computation."""
+    Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``."""
     modules = dict(block.named_modules())
     ref_modules = dict(reference[0].named_modules()) if reference else {}
-    sums: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    owner: dict[str, str] = {}  # linear -> the first linear fed the same input
+    sums: dict[str, dict[str, torch.Tensor]] = {}
     tokens = 0
 
     def capture_into(table, mods):
@@ -122,23 +233,22 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
         for hd in handles:
             hd.remove()
         tokens += h.shape[0] * h.shape[1]
-        done: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        for n in names:
-            key = (id(xs[n]), id(xr.get(n)))
-            if key not in done:
-                x = xs[n].reshape(-1, xs[n].shape[-1]).float()
-                terms = {"gram": x.T @ x}
-                if reference:
-                    r = xr[n].reshape(-1, xr[n].shape[-1]).float()
-                    terms |= {"cross": r.T @ x, "ref_gram": r.T @ r}
-                done[key] = terms
-            for k, v in done[key].items():
-                sums[n][k] = sums[n][k] + v if k in sums[n] else v.clone()
+        if not owner:
+            first = {}
+            owner = {n: first.setdefault((id(xs[n]), id(xr.get(n))), n) for n in names}
+        for n in dict.fromkeys(owner.values()):
+            x = xs[n].reshape(-1, xs[n].shape[-1]).float()
+            terms = {"gram": x.T @ x}
+            if reference:
+                r = xr[n].reshape(-1, xr[n].shape[-1]).float()
+                terms |= {"cross": r.T @ x, "ref_gram": r.T @ r}
+            sums[n] = {k: sums[n][k] + v for k, v in terms.items()} if n in sums else terms
     for n, s in sums.items():
         if not torch.isfinite(s["gram"]).all():
             raise FloatingPointError(f"the calibration activations entering {n} contain NaN or Inf "
                                      "(overflow in a half-precision dtype? try dtype=float32)")
-    return {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
+    stats = {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
+    return {n: stats[owner[n]] for n in names}
 
 
 def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream, dict[str, nn.Linear]], list],

@@ -63,6 +63,8 @@ def _load_hub(cfg, dtype):
 def _gguf_file(cfg) -> Path:
     if cfg.get("path"):
         return Path(cfg.path).expanduser() / cfg.file
+    if not cfg.get("package"):
+        raise ConfigError("a GGUF model needs model.path=DIR and model.file=NAME.gguf")
     spec = importlib.util.find_spec(cfg.package)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(

@@ -14,6 +14,7 @@ the mask re-chosen from |W| at every iteration (``adjust_mask: soft``, the paper
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from .oneshot import sync
 from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
 
 CHOICES = {"inputs": ("sparse", "dense"), "target": ("dense_weights", "dense_outputs"),
-           "optimizer": ("gd", "fista", "adam"), "adjust_mask": ("soft", "fixed")}
+           "optimizer": ("gd", "fista", "adam"), "adjust_mask": ("soft", "fixed"), "solver": ("closed", "iterate")}
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RedenseConfig:
     inputs: str = "sparse"  # sparse: X from the pruned model ("SD data"); dense: X = X_ref
     target: str = "dense_weights"  # dense_weights: W_d X; dense_outputs: W_d X_ref (the paper)
     optimizer: str = "fista"  # gd | fista (step = lr / Lipschitz constant) | adam (step = lr * rms(W_d))
+    solver: str = "closed"  # closed: gd/fista without L1 in closed form (same iterates) | iterate: step by step
     iters: int = 200
     lr: float = 1.0
     l1: float = 0.0
@@ -59,6 +61,7 @@ class Objective:
     ref: torch.Tensor
     l1: float = 0.0
     l2: float = 0.0
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None  # of ``gram``, shared between objectives on one input
 
     def __post_init__(self):
         self.norm = max(((self.dense @ self.ref) * self.dense).sum().item(), 1e-30)
@@ -75,12 +78,15 @@ class Objective:
         """Gradient of the smooth part."""
         return 2 * (w @ self.gram - self.target) / self.norm + 2 * self.l2_scale * w
 
-    def lipschitz(self, steps: int = 30) -> float:
-        v = torch.ones(self.gram.shape[0], device=self.gram.device)  # deterministic start
-        for _ in range(steps):
-            v = self.gram @ v
-            v = v / v.norm()
-        return 2 * (v @ self.gram @ v).item() / self.norm + 2 * self.l2_scale
+    @functools.cached_property
+    def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (ascending) and eigenvectors of the smooth part's Hessian 2 G / L_0 + 2 l2 I, in float64
+        (G's dynamic range is large: LLM activations have outlier channels)."""
+        lam, q = self.eig or torch.linalg.eigh(self.gram.double())
+        return (2 * lam.clamp_min(0) / self.norm + 2 * self.l2_scale), q
+
+    def lipschitz(self) -> float:
+        return self.spectrum[0][-1].item()
 
 
 def _soft_threshold(w: torch.Tensor, t: float) -> torch.Tensor:
@@ -88,7 +94,10 @@ def _soft_threshold(w: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def minimize(obj: Objective, w: torch.Tensor, cfg: RedenseConfig, iters: int, project=None) -> torch.Tensor:
-    """Proximal (projected) first-order descent on ``obj`` from ``w``; ``project`` maps onto a mask."""
+    """Proximal (projected) first-order descent on ``obj`` from ``w``; ``project`` maps onto a mask.
+    Plain gd/fista on the quadratic alone (no L1, no projection) takes the closed form of ``descend``."""
+    if cfg.solver == "closed" and cfg.optimizer != "adam" and obj.l1_scale == 0 and project is None:
+        return descend(obj, w, cfg, iters)
     w = w.clone()
     if cfg.optimizer == "adam":
         w.requires_grad_(False)
@@ -110,6 +119,26 @@ def minimize(obj: Objective, w: torch.Tensor, cfg: RedenseConfig, iters: int, pr
     return prev
 
 
+def descend(obj: Objective, w: torch.Tensor, cfg: RedenseConfig, iters: int) -> torch.Tensor:
+    """``iters`` steps of gd/fista on the quadratic in closed form, equal to the iteration up to rounding.
+
+    The gradient is W A - B with A = Q diag(a) Q^T (``Objective.spectrum``) and B = 2 W_d C / L_0, so each
+    iterate is W_0 Q diag(p) Q^T + B Q diag(r) Q^T where p and r follow the iteration's own scalar
+    recurrence per eigenvalue (p: the start point's share, r: the target's). One eigendecomposition per
+    distinct input replaces ``iters`` [out, in] x [in, in] products, so the iteration count is free."""
+    a, q = obj.spectrum
+    step = cfg.lr / a[-1].item()
+    p_prev = p_y = torch.ones_like(a)
+    r_prev = r_y = torch.zeros_like(a)
+    for k in range(iters):
+        p, r = (1 - step * a) * p_y, (1 - step * a) * r_y + step
+        beta = k / (k + 3) if cfg.optimizer == "fista" else 0.0
+        p_y, r_y = p + beta * (p - p_prev), r + beta * (r - r_prev)
+        p_prev, r_prev = p, r
+    start = (w.double() @ q) * p_prev + (2 / obj.norm) * (obj.target.double() @ q) * r_prev
+    return (start @ q.T).to(w.dtype)
+
+
 @dataclass
 class SDSRecord:
     block: int
@@ -125,9 +154,10 @@ class SDSRecord:
 
 
 def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig) -> Objective:
-    gram = stats.ref_gram if cfg.inputs == "dense" else stats.gram
+    which = "ref_gram" if cfg.inputs == "dense" else "gram"
+    gram = getattr(stats, which)
     cross, ref = (gram, gram) if cfg.target == "dense_weights" or cfg.inputs == "dense" else (stats.cross, stats.ref_gram)
-    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2)
+    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2, eig=stats.eigh(which))
 
 
 def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: Pruner, pattern: Pattern,
@@ -142,7 +172,7 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
         keep = ~mask
         project = (lambda w: w * keep) if cfg.adjust_mask == "fixed" else (
             lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
-        adj = Objective(dense, obj.gram, obj.cross, obj.ref)
+        adj = Objective(dense, obj.gram, obj.cross, obj.ref, eig=obj.eig)
         w3 = minimize(adj, w3, RedenseConfig(optimizer=cfg.optimizer, lr=cfg.lr), cfg.adjust_iters, project)
     errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
               "error_sds": obj.error(w3)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -78,10 +78,18 @@ class LayerStats:
     tokens: int
     cross: torch.Tensor | None = None
     ref_gram: torch.Tensor | None = None
+    _eigh: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def sqnorm(self) -> torch.Tensor:
         return torch.diagonal(self.gram)
+
+    def eigh(self, which: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigendecomposition (float64) of ``gram`` or ``ref_gram``, computed once: linears fed the same
+        input share one LayerStats (``engine.collect``), so q/k/v and gate/up share one decomposition."""
+        if which not in self._eigh:
+            self._eigh[which] = torch.linalg.eigh(getattr(self, which).double())
+        return self._eigh[which]
 
 
 class Pruner(Protocol):

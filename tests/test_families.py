@@ -1,0 +1,94 @@
+"""Every model family we claim: the engine's block-by-block replay (captured inputs, each block fed the
+one before it) equals the model's own forward, for tiny random models built offline from transformers
+configs. Families with per-layer attention types (sliding-window and global layers, each with its
+own mask and rotary embedding) are the ones a replay with block 0's inputs gets wrong."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sds_cli import engine
+from sds_cli.engine import ReplayMismatch, _reference_outputs, capture, check_replay
+from sds_cli.models import decoder_layers
+
+TOLERANCE = 1e-5  # fp32; the replay runs the same kernels on the same inputs, measured 0 or ~1e-7
+SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+SLIDING = {"sliding_window": 8}
+FAMILIES = {
+    "llama": SMALL,
+    "mistral": SMALL | SLIDING,
+    "qwen2": SMALL,
+    "qwen2-sliding": SMALL | SLIDING | {"use_sliding_window": True, "max_window_layers": 2},
+    "phi3": SMALL | SLIDING | {"pad_token_id": 0},
+    "gemma2": SMALL | SLIDING | {"head_dim": 8},
+    "gemma3_text": SMALL | SLIDING | {"head_dim": 8, "layer_types": [
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention"]},
+    "opt": {"vocab_size": 128, "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "max_position_embeddings": 64, "word_embed_proj_dim": 32},
+}
+MIXED = ("qwen2-sliding", "gemma2", "gemma3_text")  # blocks of more than one attention type
+
+
+def tiny(family: str):
+    config = AutoConfig.for_model(family.split("-")[0], **FAMILIES[family])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def windows(n=2, seqlen=24):
+    return torch.randint(1, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replay_equals_the_models_forward(family):
+    model = tiny(family)
+    diffs, _ = check_replay(model, windows(1), "cpu", TOLERANCE)
+    assert len(diffs) == 4 and max(diffs) <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", MIXED)
+def test_block_zeros_inputs_would_be_caught(family):
+    """The engine before per-block capture handed block 0's inputs to every block: the test above would
+    have failed for these families."""
+    model = tiny(family)
+    with torch.no_grad():
+        reference = _reference_outputs(model, windows(1), "cpu")
+        stream = capture(model, windows(1), 1, "cpu", False)
+        stream.kwargs = [stream.kwargs[0]] * len(stream.kwargs)
+        for block in decoder_layers(model):
+            stream = stream.through(block)
+    assert (stream.hidden[0] - reference[-1]).norm() / reference[-1].norm() > 1e-3
+
+
+def test_equal_keyword_tensors_are_stored_once():
+    model = tiny("gemma3_text")
+    stream = capture(model, windows(4), 2, "cpu", False)
+    tensors = {id(t) for block in stream.kwargs for kw in block for v in kw.values()
+               for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)}
+    # two attention types x (cos, sin) + positions (+ masks where sdpa needs them), however many blocks and batches
+    assert len(tensors) <= 8
+    assert stream.kwargs[0][0]["position_embeddings"][0] is not stream.kwargs[1][0]["position_embeddings"][0]
+    assert stream.kwargs[0][0]["position_embeddings"][0] is stream.kwargs[2][1]["position_embeddings"][0]
+
+
+def test_a_replay_that_differs_is_refused(monkeypatch):
+    reference = engine._reference_outputs
+
+    def drifted(model, window, device):
+        outputs = reference(model, window, device)
+        outputs[2] = outputs[2] * 1.01
+        return outputs
+
+    monkeypatch.setattr(engine, "_reference_outputs", drifted)
+    with pytest.raises(ReplayMismatch, match="block 2 .* differs"):
+        check_replay(tiny("llama"), windows(1), "cpu", TOLERANCE)
+
+
+def test_replay_mismatch_stops_a_run_in_one_line(run_main, monkeypatch):
+    from conftest import TINY
+
+    monkeypatch.setattr(engine, "check_replay", lambda *a: (_ for _ in ()).throw(ReplayMismatch("block 1 differs")))
+    monkeypatch.setattr("sds_cli.pipeline.check_replay", engine.check_replay)
+    code, err, results = run_main("model=tiny-llama", "pruner=wanda", "redense=none", *TINY)
+    assert code == 2 and "block 1 differs" in err and "Traceback" not in err
+    assert results is None or results["status"] == "failed"
