@@ -96,6 +96,7 @@ SOURCES: dict[str, Source] = {
 HUB_SPLITS = {"wikitext2": {"train": "train", "test": "test"}, "wikitext2-valid": {"train": "validation"},
               "c4": {"train": "train", "test": "validation"}, "ptb": {"train": "train", "test": "validation"}}
 CHOICES = (*SOURCES, "embedded", "file")
+EVAL_CHOICES = (*CHOICES, "validation")  # validation: the calibration text outside the calibration windows
 
 
 @functools.cache
@@ -145,9 +146,8 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     """``[nsamples, seqlen]`` token windows drawn as SparseGPT and Wanda draw them."""
     if nsamples < 1 or seqlen < 2:
         raise ConfigError(f"calibration needs nsamples >= 1 and seqlen >= 2 (got {nsamples}, {seqlen})")
-    rows = load_texts(source, "train", root, path)
-    rng = random.Random(seed)
     if source in SOURCES and SOURCES[source].documents:
+        rows, rng = load_texts(source, "train", root, path), random.Random(seed)
         windows = []
         for _ in range(nsamples):
             for _attempt in range(100 * len(rows)):
@@ -159,12 +159,40 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
             start = rng.randint(0, len(ids) - seqlen - 1)
             windows.append(ids[start : start + seqlen])
         return torch.stack(windows)
-    joiner = SOURCES[source].joiner.get("train", "") if source in SOURCES else ""
-    ids = tokenize(tokenizer, joiner.join(rows))
+    ids = _calibration_stream(tokenizer, source, root, path)
     if len(ids) <= seqlen:
         raise ConfigError(f"{source} text has {len(ids)} tokens, too short for seqlen={seqlen}")
-    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
+    return torch.stack([ids[s : s + seqlen] for s in _starts(len(ids), nsamples, seqlen, seed)])
+
+
+def _calibration_stream(tokenizer, source: str, root: str | None, path: str | None) -> torch.Tensor:
+    joiner = SOURCES[source].joiner.get("train", "") if source in SOURCES else ""
+    return tokenize(tokenizer, joiner.join(load_texts(source, "train", root, path)))
+
+
+def _starts(length: int, nsamples: int, seqlen: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(0, length - seqlen - 1) for _ in range(nsamples)]
+
+
+def validation_windows(tokenizer, calib, seed: int, root: str | None, seqlen: int,
+                       max_windows: int | None) -> torch.Tensor:
+    """The first non-overlapping ``seqlen`` windows of the calibration text that no calibration window
+    (drawn as ``calibration_windows`` draws them) touches: a validation split on which to choose
+    settings, so that the test text is only ever reported, never tuned on."""
+    if calib.source in SOURCES and SOURCES[calib.source].documents:
+        raise ConfigError(f"eval dataset 'validation' needs a calibration source drawn from one text, not "
+                          f"'{calib.source}'; choose calib=wikitext2-valid, wikitext2, ptb, shakespeare or file")
+    ids = _calibration_stream(tokenizer, calib.source, root, calib.path)
+    taken = torch.zeros(len(ids) + 1, dtype=torch.long)
+    for start in _starts(len(ids), calib.nsamples, calib.seqlen, seed):
+        taken[start] += 1
+        taken[start + calib.seqlen] -= 1
+    free = taken.cumsum(0)[: len(ids) // seqlen * seqlen].reshape(-1, seqlen).eq(0).all(1)
+    keep = free.nonzero().flatten()[:max_windows]
+    if len(keep) == 0:
+        raise ConfigError(f"the {calib.source} text has no {seqlen}-token window outside the calibration windows")
+    return ids[: len(free) * seqlen].reshape(-1, seqlen)[keep]
 
 
 def eval_tokens(tokenizer, source: str, root: str | None, path: str | None = None) -> torch.Tensor:

@@ -193,6 +193,9 @@ def check_replay(model: nn.Module, window: torch.Tensor, device, tolerance: floa
         stream = stream.through(block)
         block.to("cpu")
         want = _hidden(reference[i]).to(stream.hidden[0])
+        if not torch.isfinite(want).all():
+            raise FloatingPointError(f"the activations leaving block {i} contain NaN or Inf "
+                                     "(overflow in a half-precision dtype? try dtype=float32)")
         diffs.append(((stream.hidden[0] - want).norm() / want.norm().clamp_min(1e-30)).item())
         if not diffs[-1] <= tolerance:
             raise ReplayMismatch(

@@ -42,13 +42,15 @@ class Evaluator:
         self.cfg, self.lm, self.device = cfg.eval, lm, device
         self.root = cfg.data.root
         for name in self.cfg.datasets:
-            if name not in data.CHOICES:
-                raise ConfigError(f"unknown eval dataset '{name}'; choose one of: {', '.join(data.CHOICES)}")
-        self.texts = {
-            name: windows(data.eval_tokens(lm.tokenizer, name, self.root, self.cfg.path), self.cfg.seqlen,
-                          self.cfg.max_windows or EVAL_MAX_WINDOWS.get(name))
-            for name in self.cfg.datasets
-        }
+            if name not in data.EVAL_CHOICES:
+                raise ConfigError(f"unknown eval dataset '{name}'; choose one of: {', '.join(data.EVAL_CHOICES)}")
+        self.texts = {name: self.windows(cfg, lm.tokenizer, name) for name in self.cfg.datasets}
+
+    def windows(self, cfg: DictConfig, tokenizer, name: str) -> torch.Tensor:
+        limit = self.cfg.max_windows or EVAL_MAX_WINDOWS.get(name)
+        if name == "validation":
+            return data.validation_windows(tokenizer, cfg.calib, cfg.seed, self.root, self.cfg.seqlen, limit)
+        return windows(data.eval_tokens(tokenizer, name, self.root, self.cfg.path), self.cfg.seqlen, limit)
 
     def __call__(self, stage: str) -> dict:
         model = self.lm.model.to(self.device)

@@ -8,9 +8,13 @@ with G = X X^T, C = X_ref X^T, R = X_ref X_ref^T (token means, see ``engine.coll
 iteration costs one [out, in] x [in, in] product, whatever the number of calibration tokens.
 
 Re-dense (step 2) minimizes L / L_0 + l1 |W|_1 / |W_d|_1 + l2 |W|^2 / |W_d|^2 from the pruned weights
-(L_0 = tr(W_d R W_d^T); the normalisation makes one setting fit every layer). Step 3 prunes the
-re-densified weights with the same pruner and adjusts the kept weights by projected gradient on L,
-the mask re-chosen from |W| at every iteration (``adjust_mask: soft``, the paper) or kept (``fixed``)."""
+(L_0 = tr(W_d R W_d^T); the normalisation makes one setting fit every layer). The paper's step 2 uses
+the pruned model's inputs ("SD data") with the target W_d X: ``inputs: sparse, target: dense_weights``.
+Without L1 and L2 its minimizer is W_d itself, so the start point and the iteration count act as the
+regulariser; gd/fista run in closed form (``descend``). Step 3 prunes the re-densified weights with the
+same pruner and adjusts the kept weights towards W_d X: by projected gradient, the mask re-chosen from
+|W| at every iteration (``adjust: soft``, the paper) or kept (``fixed``), or solved exactly on the
+second prune's mask (``refit``, where ``fixed`` converges to)."""
 from __future__ import annotations
 
 import copy
@@ -26,7 +30,8 @@ from .oneshot import sync
 from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
 
 CHOICES = {"inputs": ("sparse", "dense"), "target": ("dense_weights", "dense_outputs"),
-           "optimizer": ("gd", "fista", "adam"), "adjust_mask": ("soft", "fixed"), "solver": ("closed", "iterate")}
+           "optimizer": ("gd", "fista", "adam"), "adjust": ("soft", "fixed", "refit", "none"),
+           "solver": ("closed", "iterate")}
 
 
 @dataclass
@@ -40,9 +45,8 @@ class RedenseConfig:
     lr: float = 1.0
     l1: float = 0.0
     l2: float = 0.0
-    adjust: bool = True
+    adjust: str = "soft"  # soft | fixed: projected descent, mask re-chosen from |W| or kept | refit: exact | none
     adjust_iters: int = 200
-    adjust_mask: str = "soft"
     early_exit: bool = True
 
     def __post_init__(self):
@@ -139,6 +143,30 @@ def descend(obj: Objective, w: torch.Tensor, cfg: RedenseConfig, iters: int) -> 
     return (start @ q.T).to(w.dtype)
 
 
+def refit(obj: Objective, keep: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """The minimum of the objective over the weights ``keep`` leaves free: per row, w_S = G_SS^-1 (W_d C)_S
+    (damped by 1e-6 mean diag G), where the projected iteration of ``adjust: fixed`` ends. Rows are
+    solved in batches, each padded to the widest row's count with identity rows; float32 Cholesky,
+    float64 for a batch it fails on."""
+    gram, target = obj.gram.float(), obj.target.float()
+    gram = gram + 1e-6 * gram.diagonal().mean() * torch.eye(len(gram), device=gram.device)
+    k = int(keep.sum(1).max())
+    out = torch.zeros_like(target)
+    for r in range(0, len(keep), rows):
+        order = torch.argsort((~keep[r : r + rows]).to(torch.int8), dim=1, stable=True)[:, :k]  # kept first
+        valid = torch.gather(keep[r : r + rows], 1, order)
+        pair = valid.unsqueeze(2) & valid.unsqueeze(1)
+        a = torch.where(pair, gram[order.unsqueeze(2), order.unsqueeze(1)], torch.eye(k, device=gram.device))
+        b = torch.where(valid, torch.gather(target[r : r + rows], 1, order), 0).unsqueeze(2)
+        factor, info = torch.linalg.cholesky_ex(a)
+        if info.any():
+            a, b = a.double(), b.double()
+            factor = torch.linalg.cholesky(a)
+        x = torch.cholesky_solve(b, factor).squeeze(2).to(out.dtype)
+        out[r : r + rows].scatter_(1, order, torch.where(valid, x, 0))
+    return out
+
+
 @dataclass
 class SDSRecord:
     block: int
@@ -168,11 +196,13 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
     gram_stats = LayerStats(gram=obj.gram, tokens=stats.tokens)
     w3, mask = pruner(w2, gram_stats, pattern)
     reprune_error = obj.error(w3)
-    if cfg.adjust:
+    adj = Objective(dense, obj.gram, obj.cross, obj.ref, eig=obj.eig)
+    if cfg.adjust == "refit":
+        w3 = refit(adj, ~mask)
+    elif cfg.adjust != "none":
         keep = ~mask
-        project = (lambda w: w * keep) if cfg.adjust_mask == "fixed" else (
+        project = (lambda w: w * keep) if cfg.adjust == "fixed" else (
             lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
-        adj = Objective(dense, obj.gram, obj.cross, obj.ref, eig=obj.eig)
         w3 = minimize(adj, w3, RedenseConfig(optimizer=cfg.optimizer, lr=cfg.lr), cfg.adjust_iters, project)
     errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
               "error_sds": obj.error(w3)}

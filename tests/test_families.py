@@ -87,8 +87,10 @@ def test_a_replay_that_differs_is_refused(monkeypatch):
 def test_replay_mismatch_stops_a_run_in_one_line(run_main, monkeypatch):
     from conftest import TINY
 
-    monkeypatch.setattr(engine, "check_replay", lambda *a: (_ for _ in ()).throw(ReplayMismatch("block 1 differs")))
-    monkeypatch.setattr("sds_cli.pipeline.check_replay", engine.check_replay)
+    def mismatch(*args):
+        raise ReplayMismatch("block 1 differs")
+
+    monkeypatch.setattr("sds_cli.pipeline.check_replay", mismatch)
     code, err, results = run_main("model=tiny-llama", "pruner=wanda", "redense=none", *TINY)
     assert code == 2 and "block 1 differs" in err and "Traceback" not in err
     assert results is None or results["status"] == "failed"

@@ -162,3 +162,27 @@ def test_dense_run_through_cli_writes_record(tmp_path):
         assert key in results
     assert results["versions"]["torch"] and results["peak_memory"]["rss_gib"] > 0
     assert "dense" in proc.stderr  # the summary table
+
+
+def test_validation_split_shares_no_token_with_calibration(data_root):
+    """The validation windows (for choosing settings) never overlap a calibration window."""
+    from omegaconf import OmegaConf
+
+    from sds_cli.data import _calibration_stream, _starts, calibration_windows, tiny_tokenizer, validation_windows
+
+    tok = tiny_tokenizer()
+    calib = OmegaConf.create({"source": "wikitext2-valid", "nsamples": 64, "seqlen": 512, "path": None})
+    val = validation_windows(tok, calib, 0, data_root, 512, 32)
+    ids = _calibration_stream(tok, "wikitext2-valid", data_root, None)
+    starts = _starts(len(ids), 64, 512, 0)
+    windows = calibration_windows(tok, "wikitext2-valid", 64, 512, 0, data_root)
+    assert torch.equal(windows[0], ids[starts[0]: starts[0] + 512])
+    used = torch.zeros(len(ids), dtype=torch.bool)
+    for s in starts:
+        used[s: s + 512] = True
+    found = 0
+    for window in val:  # locate each validation window in the stream (they are aligned to 512)
+        k = next(k for k in range(0, len(ids) - 511, 512) if torch.equal(ids[k: k + 512], window))
+        assert not used[k: k + 512].any()
+        found += 1
+    assert found == 32 and len({tuple(w.tolist()) for w in val}) == 32

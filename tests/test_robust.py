@@ -106,7 +106,7 @@ def model_dirs(tmp_path_factory):
     (["model={root}/truncated"], "cannot load model '{root}/truncated' as a local directory: SafetensorError"),
     (["model={root}/partial"], "no file named model.safetensors"),
     (["model={root}/nan"], "NaN or Inf weights in model.layers.0.mlp.up_proj.weight"),
-    (["model={root}/overflow", "eval.dense=false"], "activations entering mlp.gate_proj contain NaN or Inf"),
+    (["model={root}/overflow", "eval.dense=false"], "activations leaving block 0 contain NaN or Inf"),
     (["model=tiny-llama", "calib.nsamples=0"], "nsamples >= 1"),
     (["model=tiny-llama", "calib.nsamples=abc"], "calib.nsamples='abc' must be a non-negative integer"),
     (["model=tiny-llama", "calib.seqlen=4096"], "calib.seqlen=4096 exceeds tiny-llama's maximum of 256 tokens"),

@@ -1,0 +1,99 @@
+"""SDS knob study: one one-shot stage, then every SDS variant started from the same one-shot weights,
+each scored by perplexity on validation windows (`eval=validation`: calibration text outside the
+calibration windows). The variant with the lowest validation perplexity is chosen before any test
+window is looked at; the test text is evaluated only for the one-shot model, the paper's variant and
+the chosen one. Stage times are measured in the same process.
+
+    python scripts/sds_study.py --out docs/sds-study/sparsegpt_2-4.json pruner=sparsegpt sparsity=2:4 \
+        model=smollm2-135m calib=wikitext2-valid calib.nsamples=64 calib.seqlen=512 data.root=../shared/data \
+        eval.seqlen=512 eval.max_windows=32 device=cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sds_cli import data
+from sds_cli.cli import CONF
+from sds_cli.engine import capture, check_replay, model_linears
+from sds_cli.models import load_model
+from sds_cli.oneshot import prune_model
+from sds_cli.pipeline import Evaluator
+from sds_cli.pruners import Pattern, build_pruner
+from sds_cli.redense import RedenseConfig, sds_model, snapshot
+
+PAPER = "soft"
+VARIANTS = {  # redense overrides on top of conf/redense/sds.yaml
+    "soft": {"adjust": "soft", "adjust_iters": 50},
+    "refit": {"adjust": "refit"},
+    "refit_no_redense": {"adjust": "refit", "iters": 0},
+    "refit_l2": {"adjust": "refit", "l2": 0.1},
+    "none": {"adjust": "none"},
+}
+
+
+def restore(model, weights: dict, layers: str) -> None:
+    for i, name, linear in model_linears(model, layers):
+        linear.weight.data = weights[i, name].to(linear.weight)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--test", default="wikitext2", help="the eval dataset reported as test")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args, overrides = parser.parse_known_args()
+    with initialize_config_dir(str(CONF), version_base=None):
+        cfg = compose("config", overrides=[*overrides, "eval.datasets=[validation]"])
+        test_cfg = compose("config", overrides=[*overrides, f"eval.datasets=[{args.test}]"])
+    torch.manual_seed(cfg.seed)
+    lm = load_model(cfg.model, cfg.dtype)
+    val, test = Evaluator(cfg, lm, cfg.device), Evaluator(test_cfg, lm, cfg.device)
+    calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                     cfg.seed, cfg.data.root, cfg.calib.path)
+    pattern, pruner = Pattern.parse(cfg.sparsity), build_pruner(**cfg.pruner)
+    out = {"config": OmegaConf.to_container(cfg, resolve=True), "variants": VARIANTS, "paper": PAPER,
+           "rule": "lowest validation perplexity", "seconds": {}, "validation": {}, "test": {}}
+    out["validation"]["dense"], out["test"]["dense"] = val("dense")["ppl_validation"], test("dense")[f"ppl_{args.test}"]
+    dense = snapshot(lm.model, cfg.layers)
+    start = time.perf_counter()
+    _, kinds = check_replay(lm.model, calib[:1], cfg.device, 1e-4)
+    out["seconds"]["replay_check"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stream = capture(lm.model, calib, cfg.engine.batch_size, cfg.device, cfg.engine.offload, kinds)
+    prune_model(lm.model, stream, pruner, pattern, cfg.layers)
+    out["seconds"]["oneshot"] = time.perf_counter() - start
+    oneshot = snapshot(lm.model, cfg.layers)
+    out["validation"]["oneshot"], out["test"]["oneshot"] = (val("oneshot")["ppl_validation"],
+                                                            test("oneshot")[f"ppl_{args.test}"])
+    print(json.dumps(out["validation"]), flush=True)
+    results = {}
+    for name in args.variants:
+        restore(lm.model, oneshot, cfg.layers)
+        redense = RedenseConfig(**(OmegaConf.to_container(cfg.redense) | VARIANTS[name] | {"name": name}))
+        start = time.perf_counter()
+        records = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense)
+        out["seconds"][name] = time.perf_counter() - start
+        out["validation"][name] = val(name)["ppl_validation"]
+        out.setdefault("kept_sds", {})[name] = sum(r["kept"] == "sds" for r in records) / len(records)
+        results[name] = snapshot(lm.model, cfg.layers)
+        print(name, out["validation"][name], f"{out['seconds'][name]:.0f} s", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    out["chosen"] = min(args.variants, key=lambda n: out["validation"][n])
+    for name in dict.fromkeys([out["chosen"], PAPER]):
+        if name in results:
+            restore(lm.model, results[name], cfg.layers)
+            out["test"][name] = test(name)[f"ppl_{args.test}"]
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("validation", "test", "seconds", "chosen")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
