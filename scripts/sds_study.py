@@ -47,8 +47,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--test", default="wikitext2", help="the eval dataset reported as test")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     args, overrides = parser.parse_known_args()
+    args.variants = args.variants.split(",")
+    if unknown := set(args.variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from: {', '.join(VARIANTS)}")
     with initialize_config_dir(str(CONF), version_base=None):
         cfg = compose("config", overrides=[*overrides, "eval.datasets=[validation]"])
         test_cfg = compose("config", overrides=[*overrides, f"eval.datasets=[{args.test}]"])
