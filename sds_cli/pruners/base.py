@@ -85,10 +85,10 @@ class LayerStats:
         return torch.diagonal(self.gram)
 
     def eigh(self, which: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigendecomposition (float64) of ``gram`` or ``ref_gram``, computed once: linears fed the same
-        input share one LayerStats (``engine.collect``), so q/k/v and gate/up share one decomposition."""
+        """Eigendecomposition of ``gram`` or ``ref_gram``, computed once: linears fed the same input share
+        one LayerStats (``engine.collect``), so q/k/v and gate/up share one decomposition."""
         if which not in self._eigh:
-            self._eigh[which] = torch.linalg.eigh(getattr(self, which).double())
+            self._eigh[which] = torch.linalg.eigh(getattr(self, which))
         return self._eigh[which]
 
 
