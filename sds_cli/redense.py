@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -78,7 +79,8 @@ class Objective:
         W - W_d, exact in float32; otherwise float64, where the three terms nearly cancel near the optimum."""
         if self.cross is self.gram and self.ref is self.gram:
             diff = w - self.dense
-            return ((diff @ self.gram) * diff).sum().item() / self.norm
+            if math.isfinite(value := ((diff @ self.gram) * diff).sum().item() / self.norm):
+                return value  # else a diverged w overflowed float32: float64 below
         w, gram, target = w.double(), self.gram.double(), self.target.double()
         return max((((w @ gram) * w).sum().item() - 2 * (target * w).sum().item()) / self.norm + 1.0, 0.0)
 
@@ -214,7 +216,7 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
         w3 = minimize(adj, w3, RedenseConfig(optimizer=cfg.optimizer, lr=cfg.lr), cfg.adjust_iters, project)
     errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
               "error_sds": obj.error(w3)}
-    kept = "oneshot" if cfg.early_exit and errors["error_oneshot"] <= errors["error_sds"] else "sds"
+    kept = "oneshot" if cfg.early_exit and not errors["error_sds"] < errors["error_oneshot"] else "sds"  # NaN too
     final = w1 if kept == "oneshot" else w3
     return final, errors | {"error_final": errors[f"error_{kept}"], "kept": kept,
                             "sparsity": (final == 0).float().mean().item()}
