@@ -12,17 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from sds_cli import data
 from sds_cli.cli import CONF
-from sds_cli.engine import _reference_outputs, capture, check_replay
-from sds_cli.models import decoder_layers, load_model
-
-
-def replay(model, stream, reference) -> list[float]:
-    diffs = []
-    for i, block in enumerate(decoder_layers(model)):
-        stream = stream.through(block)
-        want = reference[i][0] if isinstance(reference[i], tuple) else reference[i]
-        diffs.append(((stream.hidden[0] - want).norm() / want.norm()).item())
-    return diffs
+from sds_cli.engine import _reference_outputs, capture, check_replay, replay
+from sds_cli.models import load_model
 
 
 def main() -> None:

@@ -179,17 +179,12 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device, of
 
 
 @torch.no_grad()
-def check_replay(model: nn.Module, window: torch.Tensor, device, tolerance: float) -> tuple[list[float], list[int]]:
-    """Replay ``window`` block by block as every stage does (captured inputs, each block fed the one
-    before it) and compare each block's output with the model's own forward; the relative difference
-    per block. Raises ``ReplayMismatch`` naming the first block beyond ``tolerance``: a model whose
-    forward does more between blocks than the engine replays is refused, never pruned wrongly.
-    Also returns each block's output form for ``capture``."""
-    reference = _reference_outputs(model, window, device)
-    stream = capture(model, window, 1, device, offload=True, kinds=_kinds(reference))
+def replay(model: nn.Module, stream: Stream, reference: list) -> list[float]:
+    """Run ``stream`` through every block as the stages do (each block fed the one before it) and return,
+    per block, the relative difference of its output to ``reference`` (the model's own, ``_reference_outputs``)."""
     diffs = []
     for i, block in enumerate(decoder_layers(model)):
-        block.to(device)
+        block.to(stream.device)
         stream = stream.through(block)
         block.to("cpu")
         want = _hidden(reference[i]).to(stream.hidden[0])
@@ -197,12 +192,24 @@ def check_replay(model: nn.Module, window: torch.Tensor, device, tolerance: floa
             raise FloatingPointError(f"the activations leaving block {i} contain NaN or Inf "
                                      "(overflow in a half-precision dtype? try dtype=float32)")
         diffs.append(((stream.hidden[0] - want).norm() / want.norm().clamp_min(1e-30)).item())
-        if not diffs[-1] <= tolerance:
+    return diffs
+
+
+def check_replay(model: nn.Module, window: torch.Tensor, device, tolerance: float) -> tuple[list[float], list[int]]:
+    """Replay ``window`` block by block on its captured inputs and compare each block's output with the
+    model's own forward. Raises ``ReplayMismatch`` naming the first block beyond ``tolerance``: a model
+    whose forward does more between blocks than the engine replays is refused, never pruned wrongly.
+    Returns the per-block differences and each block's output form for ``capture``."""
+    reference = _reference_outputs(model, window, device)
+    kinds = _kinds(reference)
+    diffs = replay(model, capture(model, window, 1, device, offload=True, kinds=kinds), reference)
+    for i, (diff, block) in enumerate(zip(diffs, decoder_layers(model))):
+        if not diff <= tolerance:
             raise ReplayMismatch(
                 f"block {i} ({type(block).__name__}) replayed on its captured inputs differs from "
-                f"{type(model).__name__}'s own forward by {diffs[-1]:.2e} (relative, tolerance {tolerance:g}); "
+                f"{type(model).__name__}'s own forward by {diff:.2e} (relative, tolerance {tolerance:g}); "
                 "the engine cannot prune this model family faithfully")
-    return diffs, _kinds(reference)
+    return diffs, kinds
 
 
 def _kinds(outputs: list) -> list[int]:

@@ -21,6 +21,7 @@ import copy
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,7 @@ class Objective:
     ref: torch.Tensor
     l1: float = 0.0
     l2: float = 0.0
-    eig: tuple[torch.Tensor, torch.Tensor] | None = None  # of ``gram``, shared between objectives on one input
+    eig: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # eigh of ``gram``, shared per input
 
     def __post_init__(self):
         self.norm = max(((self.dense @ self.ref) * self.dense).sum().item(), 1e-30)
@@ -91,7 +92,7 @@ class Objective:
     @functools.cached_property
     def spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending, float64) and eigenvectors of the smooth part's Hessian 2 G / L_0 + 2 l2 I."""
-        lam, q = self.eig or torch.linalg.eigh(self.gram)
+        lam, q = self.eig() if self.eig else torch.linalg.eigh(self.gram)
         return (2 * lam.double().clamp_min(0) / self.norm + 2 * self.l2_scale), q
 
     def lipschitz(self) -> float:
@@ -195,7 +196,7 @@ def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig)
     which = "ref_gram" if cfg.inputs == "dense" else "gram"
     gram = getattr(stats, which)
     cross, ref = (gram, gram) if cfg.target == "dense_weights" or cfg.inputs == "dense" else (stats.cross, stats.ref_gram)
-    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2, eig=stats.eigh(which))
+    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2, eig=functools.partial(stats.eigh, which))
 
 
 def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: Pruner, pattern: Pattern,
