@@ -10,6 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from rich.markup import escape
 
 from . import launch  # noqa: F401 - registers the sds.* resolvers used by launcher configs
 from .console import console
@@ -44,6 +45,9 @@ def check_overrides(argv: list[str]) -> list[str]:
             hint = " (or a hub id / local model directory)" if group == "model" else ""
             raise ConfigError(f"unknown {group} '{bad[0]}'; choose one of: {', '.join(choices)}{hint}")
         out.append(arg)
+    structured = any(a.startswith("pruner=") and a.split("=", 1)[1].startswith("tyr") for a in out)
+    if structured and not any(a.lstrip("+~").startswith("redense=") for a in out):
+        out.append("redense=none")  # Týr yields a smaller dense model: nothing to re-densify
     return out
 
 
@@ -74,7 +78,7 @@ def _task(cfg: DictConfig) -> int:
 
 def _fail(record, message: str, code: int = 2) -> int:
     record.write("failed", message)
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return code  # a failed job is recorded; the sweep goes on
     sys.exit(code)
@@ -97,7 +101,7 @@ def main() -> None:
         message = " ".join(str(err).split()) or type(err).__name__
         if isinstance(err, OSError):
             message = f"cannot create the run dir ({message}); choose a writable hydra.run.dir / hydra.sweep.dir"
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     finally:
         if debugging is None:

@@ -221,7 +221,8 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
             reference: tuple[nn.Module, Stream] | None = None) -> dict[str, LayerStats]:
     """Per-linear input statistics over the stream: the mean of x x^T; with a ``reference`` (the dense
     block and its own stream) also the cross term x_ref x^T and the reference's own x_ref x_ref^T.
-    Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``."""
+    Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``. The
+    block's forward stops once every named input is seen (attention inputs alone skip the MLP)."""
     modules = dict(block.named_modules())
     ref_modules = dict(reference[0].named_modules()) if reference else {}
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
@@ -229,7 +230,13 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     tokens = 0
 
     def capture_into(table, mods):
-        return [mods[n].register_forward_pre_hook(lambda m, a, n=n: table.__setitem__(n, a[0])) for n in names]
+        def hook(n):
+            def store(module, args):
+                table[n] = args[0]
+                if len(table) == len(names):
+                    raise _Captured
+            return store
+        return [mods[n].register_forward_pre_hook(hook(n)) for n in names]
 
     ref_batches = reference[1].batches() if reference else None
     for h, kw in stream.batches():
@@ -238,8 +245,8 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
         if reference:
             handles += capture_into(xr, ref_modules)
             rh, rkw = next(ref_batches)
-            reference[0](rh, **rkw)
-        block(h, **kw)
+            _until_captured(reference[0], rh, rkw)
+        _until_captured(block, h, kw)
         for hd in handles:
             hd.remove()
         tokens += h.shape[0] * h.shape[1]
@@ -259,6 +266,13 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
                                      "(overflow in a half-precision dtype? try dtype=float32)")
     stats = {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
     return {n: stats[owner[n]] for n in names}
+
+
+def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:
+    try:
+        block(h, **kw)
+    except _Captured:
+        pass
 
 
 def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream, dict[str, nn.Linear]], list],

@@ -6,7 +6,7 @@ import os
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import baseline, data
+from . import baseline, data, export
 from .checkpoint import Checkpoint
 from .console import bar, console, layer_table, summary
 from .engine import capture, check_replay, mask_fingerprints, model_linears
@@ -16,6 +16,7 @@ from .perplexity import perplexity, windows
 from .pruners import ConfigError, Pattern, build_pruner
 from .record import Record
 from .redense import RedenseConfig, sds_model, snapshot
+from .tyr import TyrConfig
 
 EVAL_MAX_WINDOWS = {"c4": 256}  # SparseGPT's C4 protocol: the first 256 windows
 # Replay guard: a block-by-block replay of one window differs from the model's forward by rounding only
@@ -107,11 +108,13 @@ def run(cfg: DictConfig, record: Record) -> None:
     device = resolve_device(cfg.device)
     pattern = Pattern.parse(cfg.sparsity)
     pruning = cfg.pruner.name != "none"
-    pruner = build_pruner(**cfg.pruner) if pruning else None
-    redense = RedenseConfig(**cfg.redense) if pruning and cfg.redense.name != "none" else None
+    structured = structured_config(cfg, pattern)
+    pruner = build_pruner(**cfg.pruner) if pruning and not structured else None
+    redense = RedenseConfig(**cfg.redense) if pruner and cfg.redense.name != "none" else None
     checkpoint, resumed = Checkpoint.resume(record.path.parent, record.config, cfg.resume)
     if resumed:
         record.extra["resumed_from"] = str(resumed)
+    export.check_format(cfg.save)
     lm = load_model(cfg.model, cfg.dtype)
     check_model(lm, cfg, pattern if pruning else None)
     evaluate = Evaluator(cfg, lm, device)
@@ -121,7 +124,13 @@ def run(cfg: DictConfig, record: Record) -> None:
 
     if cfg.eval.dense:
         dense_baseline(cfg, record, evaluate)
-    if pruning:
+    if structured:
+        kinds = replay_guard(lm.model, calib, device, cfg, record) if cfg.engine.check_replay else None
+        structured_stage(cfg, lm, calib, structured, kinds, device, record)
+        evaluate_stage(record, evaluate, checkpoint, "oneshot")
+        if cfg.save.final:
+            save(lm, record, "model", cfg)
+    elif pruning:
         kinds = replay_guard(lm.model, calib, device, cfg, record) if cfg.engine.check_replay else None
         dense = snapshot(lm.model, cfg.layers) if redense else None
         with record.stage("oneshot"), bar(f"1 sparse: {cfg.pruner.name} {pattern}", blocks) as advance:
@@ -131,7 +140,7 @@ def run(cfg: DictConfig, record: Record) -> None:
         evaluate_stage(record, evaluate, checkpoint, "oneshot")
         record.extra["mask_sha1"] = {"oneshot": mask_fingerprints(lm.model, cfg.layers)}
         if cfg.save.oneshot or (cfg.save.final and not redense):
-            save(lm, record, "model_oneshot" if redense else "model")
+            save(lm, record, "model_oneshot" if redense else "model", cfg)
     if redense:
         with record.stage("sds"), bar("2-3 dense, sparse: SDS", blocks) as advance:
             record.layers["sds"] = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense,
@@ -139,8 +148,37 @@ def run(cfg: DictConfig, record: Record) -> None:
         evaluate_stage(record, evaluate, checkpoint, "sds")
         record.extra["mask_sha1"]["sds"] = mask_fingerprints(lm.model, cfg.layers)
         if cfg.save.final:
-            save(lm, record, "model")
+            save(lm, record, "model", cfg)
     checkpoint.clear()
+
+
+def structured_config(cfg: DictConfig, pattern: Pattern) -> TyrConfig | None:
+    """Týr's config, or None for the unstructured pruners; Týr removes whole heads and channels, so it
+    takes a plain fraction and never re-densifies."""
+    if cfg.pruner.name != "tyr":
+        return None
+    if pattern.nm:
+        raise ConfigError(f"pruner=tyr removes whole heads and channels: sparsity is a fraction of block "
+                          f"parameters (e.g. 0.25, 0.5), not {pattern}")
+    if cfg.redense.name != "none":
+        raise ConfigError(f"pruner=tyr yields a smaller dense model; redense={cfg.redense.name} does not apply "
+                          "(leave redense out: pruner=tyr implies redense=none)")
+    if cfg.save.format != "safetensors":
+        raise ConfigError(f"pruner=tyr yields a smaller dense model; save.format={cfg.save.format} is for sparse "
+                          "weights (use save.format=safetensors)")
+    return TyrConfig(**cfg.pruner)
+
+
+def structured_stage(cfg: DictConfig, lm, calib: torch.Tensor, tyr_cfg: TyrConfig, kinds, device: str,
+                     record: Record) -> None:
+    """Týr: supernet, search, and the physically smaller model (recorded as the ``oneshot`` stage)."""
+    from .tyr import prune
+
+    with record.stage("oneshot"):
+        out = prune(lm.model, calib, Pattern.parse(cfg.sparsity).sparsity, tyr_cfg, device, cfg.seed,
+                    cfg.engine.batch_size, cfg.engine.offload, kinds, bar)
+    record.layers["tyr"] = out["layers"]
+    record.extra["tyr"] = out["extra"]
 
 
 def replay_guard(model, calib: torch.Tensor, device: str, cfg: DictConfig, record: Record) -> list[int]:
@@ -176,12 +214,13 @@ def evaluate_stage(record: Record, evaluate: Evaluator, checkpoint: Checkpoint, 
     checkpoint.put_metrics(stage, record.metrics[stage])
 
 
-def save(lm, record: Record, name: str) -> None:
-    """The pruned model in Hugging Face format (safetensors) with its tokenizer, inside the run dir."""
+def save(lm, record: Record, name: str, cfg: DictConfig) -> None:
+    """The pruned model with its tokenizer, inside the run dir, in the ``save.format`` (see export.py)."""
     out = record.path.parent / name
-    lm.model.save_pretrained(out)
-    lm.tokenizer.save_pretrained(out)
+    export.FORMATS[cfg.save.format](lm, out, cfg.layers)
     record.extra.setdefault("saved", {})[name] = str(out)
+    record.extra.setdefault("saved_bytes", {})[name] = export.disk_bytes(out)
+    record.extra["saved_format"] = cfg.save.format
 
 
 def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
@@ -202,6 +241,10 @@ def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
 def report(record: Record) -> None:
     """The closing console summary: per-layer means over blocks, then the stage metrics."""
     for stage, rows in record.layers.items():
+        if stage == "tyr":
+            dist = record.extra["tyr"]["distribution"]
+            console.print(layer_table("tyr: structures kept per block", dist, list(dist[0])))
+            continue
         columns = ["sparsity", "error", "seconds"] if stage == "oneshot" else [
             "sparsity", "error_oneshot", "error_redense", "error_final", "seconds"]
         extra = [] if stage == "oneshot" else ["kept"]

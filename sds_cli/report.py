@@ -43,7 +43,16 @@ class Run:
         return self.data.get("status") == "ok"
 
     model = property(lambda self: str(self.cfg("model", "name")))
-    pruner = property(lambda self: str(self.cfg("pruner", "name")))
+
+    @property
+    def pruner(self) -> str:
+        """The pruner; for Týr with its variant: distribution, local pruner, error accumulation."""
+        name = str(self.cfg("pruner", "name"))
+        if name != "tyr":
+            return name
+        kind = "searched" if self.cfg("pruner", "search") else "uniform"
+        return f"tyr {kind} {self.cfg('pruner', 'local')} {self.cfg('pruner', 'accumulation')}"
+
     redense = property(lambda self: str(self.cfg("redense", "name")))
     sparsity = property(lambda self: baseline.norm_sparsity(self.cfg("sparsity")))
 
@@ -301,11 +310,37 @@ def plot_layers(run: Run, path: Path) -> bool:
     return True
 
 
+def plot_distribution(run: Run, path: Path) -> bool:
+    """Týr's per-block distribution: attention heads and FFN channels kept, against the dense counts."""
+    import matplotlib.pyplot as plt
+
+    tyr = run.data.get("tyr")
+    if not run.ok or not tyr:
+        return False
+    rows, geo = tyr["distribution"], tyr["geometry"]
+    blocks = [r["block"] for r in rows]
+    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(min(16, 4 + 0.25 * len(rows)), 5))
+    for ax, key, dense, label in ((axes[0], "heads_kept", geo["heads"], "attention heads kept"),
+                                  (axes[1], "channels_kept", geo["channels"], "FFN channels kept")):
+        ax.bar(blocks, [r[key] for r in rows], color="C0")
+        ax.axhline(dense, color="grey", linestyle=":", label="dense")
+        ax.set(ylabel=label, ylim=(0, dense * 1.05))
+    removed = 100 * tyr["block_params"]["removed_fraction"]
+    axes[0].set_title(f"{run.name}: {run.model} {run.pruner}, {removed:.1f}% of block parameters removed")
+    axes[1].set(xlabel="block")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def figures(runs: list[Run], metric: str, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     made = [out / "ppl_vs_sparsity.png"] if plot_sparsity(runs, metric, out / "ppl_vs_sparsity.png") else []
+    made += [p for r in runs if plot_distribution(r, p := out / f"distribution_{_safe(r.name)}.png")]
     return made + [p for r in runs if plot_layers(r, p := out / f"layers_{_safe(r.name)}.png")]
 
 

@@ -1,0 +1,88 @@
+"""Týr-the-Pruner's local pruner (Li et al., NeurIPS 2025): remove whole groups of input columns of an
+output linear (an attention head's columns of o_proj, an FFN channel's column of down_proj) and
+compensate the kept columns, so that W X stays close to the dense W0 X on the calibration inputs.
+
+Greedy backward elimination on the quadratic ||(W - W0) X||^2 = tr((W - W0) H (W - W0)^T): each round
+takes the Newton step from the current weights to the optimum on the columns still alive,
+U = G H_alive^-1 with G = W0 H (its first- and second-order terms), scores every alive group S by
+the loss its removal costs with optimal compensation, 1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T), removes the
+lowest ones, and downdates H_alive^-1 (a Schur complement). The removal order is one path, so every
+level of the supernet is a prefix of it; each level ends with an exact least-squares refit of its
+kept columns. A Wanda-style score without compensation is the simple structured baseline."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Levels = Callable[..., tuple[dict[int, torch.Tensor], torch.Tensor]]
+
+
+def _prepare(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    w, h = weight.double(), gram.double().clone()
+    dead = torch.diagonal(h) == 0  # inputs never active: their columns carry nothing
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
+    return w, h
+
+
+def _columns(groups: torch.Tensor, size: int) -> torch.Tensor:
+    return (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
+
+
+def _refit(g: torch.Tensor, h: torch.Tensor, alive: torch.Tensor, size: int) -> torch.Tensor:
+    """The least-squares weights on the kept columns: W_K = G_K H_KK^-1."""
+    out = torch.zeros_like(g)
+    cols = _columns(alive.nonzero().flatten(), size)
+    if len(cols):
+        out[:, cols] = torch.linalg.solve(h[cols][:, cols], g[:, cols].T).T
+    return out
+
+
+def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: list[int], rounds: int = 16,
+               percdamp: float = 0.01) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """``weight`` [out, in] with each count in ``removals`` of its ``size``-column groups removed and the
+    rest compensated, and the order of removal (the groups never removed last); the deepest level is
+    reached in at most ``rounds`` elimination rounds."""
+    w0, h = _prepare(weight, gram, percdamp)
+    g = w0 @ h
+    n = w0.shape[1] // size
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    alive = torch.ones(n, dtype=torch.bool, device=w0.device)
+    per_round = max(1, math.ceil(max(removals) / rounds))
+    out, removed, order = {}, 0, []
+    for target in sorted(set(removals)):
+        while removed < target:
+            u = (g @ hinv).reshape(len(g), n, size)
+            blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
+            score = 0.5 * torch.einsum("rni,nij,rnj->n", u, torch.linalg.inv(blocks), u)
+            score[~alive] = math.inf
+            pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
+            cols = _columns(pick, size)
+            hinv -= hinv[:, cols] @ torch.linalg.solve(hinv[cols][:, cols], hinv[cols, :])
+            hinv[cols, :], hinv[:, cols] = 0, 0
+            alive[pick], removed = False, removed + len(pick)
+            order.append(pick)
+        out[target] = _refit(g, h, alive, size).to(weight.dtype)
+    return out, torch.cat([*order, alive.nonzero().flatten()])
+
+
+def wanda_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: list[int],
+                 **_) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The simple structured baseline: a group's score is the sum over its columns of
+    ||W[:, j]||_1 ||X_j|| (Wanda's score, per column); the lowest groups are zeroed, nothing compensated."""
+    w = weight.float()
+    score = (w.abs().sum(0) * torch.diagonal(gram).float().clamp_min(0).sqrt()).reshape(-1, size).sum(1)
+    order = torch.argsort(score)
+    out = {}
+    for target in sorted(set(removals)):
+        pruned = w.clone()
+        pruned[:, _columns(order[:target], size)] = 0
+        out[target] = pruned.to(weight.dtype)
+    return out, order
+
+
+LOCAL: dict[str, Levels] = {"obs": obs_levels, "wanda": wanda_levels}

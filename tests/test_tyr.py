@@ -1,0 +1,159 @@
+"""Týr-the-Pruner: the local structured pruner, the budget, the search's mutations, the physically
+smaller model and its reload, and the CLI end to end on a tiny random Llama."""
+import random
+
+import pytest
+import torch
+from conftest import TINY
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from sds_cli.pruners.tyr import obs_levels, wanda_levels
+from sds_cli.structure import Kept, geometry, load_pruned, shrink
+from sds_cli.tyr import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
+
+GQA = {"vocab_size": 128, "hidden_size": 96, "intermediate_size": 96, "num_hidden_layers": 3,
+       "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64}
+
+
+def tiny(**arch):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **(GQA | arch))).eval()
+
+
+def problem(out=24, inp=48, tokens=400):
+    """A layer with correlated inputs, as real activations are."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, inp, generator=g) @ torch.randn(inp, inp, generator=g) * 0.3 + torch.randn(tokens, inp, generator=g)
+    return torch.randn(out, inp, generator=g), x.T @ x / tokens
+
+
+def error(w0, w, h):
+    d = (w - w0).double()
+    return ((d @ h.double()) * d).sum().item()
+
+
+@pytest.mark.parametrize("size", [1, 8])
+def test_obs_levels_compensate_and_refit_exactly(size):
+    w, h = problem()
+    removals = [0, 1, 2, 3] if size == 8 else [0, 8, 16, 24, 40]
+    levels, order = obs_levels(w, h, size, removals, rounds=4, percdamp=0.0)
+    plain, _ = wanda_levels(w, h, size, removals)
+    assert torch.allclose(levels[0], w, atol=1e-5)  # nothing removed: the dense weights back
+    for r in removals[1:]:
+        gone = (levels[r].abs().reshape(len(w), -1, size).sum((0, 2)) == 0).nonzero().flatten()
+        assert sorted(gone.tolist()) == sorted(order[:r].tolist())  # each level removes a prefix of one order
+        assert error(w, levels[r], h) < error(w, plain[r], h)  # compensation beats scores alone
+        kept = torch.ones(w.shape[1], dtype=torch.bool)
+        kept[(gone[:, None] * size + torch.arange(size)).flatten()] = False
+        gradient = ((levels[r] - w).double() @ h.double())[:, kept]
+        assert gradient.abs().max() < 1e-4  # the least-squares optimum on the kept columns
+    assert sorted(order.tolist()) == list(range(w.shape[1] // size))
+
+
+def test_everything_removed_leaves_zeros():
+    w, h = problem()
+    levels, _ = obs_levels(w, h, 8, [6])
+    assert levels[6].abs().sum() == 0
+
+
+def test_uniform_spreads_whole_structures_to_the_exact_total():
+    counts = uniform(0.5, 9, 30)
+    assert sum(counts) == 135 and set(counts) == {4, 5}
+
+
+def test_budget_removes_the_target_fraction_of_block_parameters():
+    for arch in ({}, {"num_key_value_heads": 6}):
+        geo = geometry(tiny(**arch))
+        fractions = budget(0.5, geo)
+        removed = fractions["attention"] * geo.heads * geo.head_params + fractions["ffn"] * geo.params["ffn"]
+        assert removed == pytest.approx(0.5 * sum(geo.params.values()))
+    assert budget(0.5, geometry(tiny(num_key_value_heads=6))) == {"attention": 0.5, "ffn": 0.5}
+
+
+def test_mutations_keep_each_budget_and_stay_on_the_supernet():
+    geo = geometry(tiny())
+    cfg = TyrConfig(min_channels=4)
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], 3) for k in KINDS}, 0)
+    rng, parent = random.Random(0), {k: [0, 0, 0] for k in KINDS}
+    children = [c for c in (_mutate(parent, net, rng) for _ in range(200)) if c]
+    assert len({str(c) for c in children}) > 5
+    for child in children:
+        for kind in KINDS:
+            assert sum(child[kind]) == 0
+            assert all(k in net.offsets[kind][i] for i, k in enumerate(child[kind]))
+
+
+def test_expectation_mixes_candidates_by_density():
+    cands = {0: torch.ones(2, 2), 2: torch.zeros(2, 2)}
+    assert torch.allclose(mix(cands, None, 0, 4, "expectation"), torch.full((2, 2), 1 / 1.5))
+    assert mix(cands, None, 2, 4, "median") is cands[2]
+
+
+def _zeroed(model, kept):
+    """The same removal done by zeroing: o_proj / down_proj input columns of removed structures."""
+    geo = geometry(model)
+    for block, keep in zip(model.model.layers, kept):
+        heads = torch.zeros(geo.heads, dtype=torch.bool)
+        heads[keep.heads] = True
+        block.self_attn.o_proj.weight.data[:, ~heads.repeat_interleave(geo.head_dim)] = 0
+        channels = torch.zeros(geo.channels, dtype=torch.bool)
+        channels[keep.channels] = True
+        block.mlp.down_proj.weight.data[:, ~channels] = 0
+
+
+def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_path):
+    # block 0: heads read both key/value heads evenly; block 1 unevenly (copies); block 2 has no attention left
+    kept = [Kept([0, 1, 3, 4], list(range(0, 96, 2))), Kept([0, 1, 5], list(range(40))), Kept([], [3, 7])]
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    model = tiny()
+    _zeroed(model, kept)
+    with torch.no_grad():
+        want = model(ids).logits
+        shrink(model, kept)
+        got = model(ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 16  # two key/value heads, shared
+    assert model.model.layers[1].self_attn.k_proj.out_features == 3 * 16  # one copy per query head
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path)(ids).logits, got)
+
+
+def test_other_families_are_refused_in_one_line():
+    from sds_cli.pruners import ConfigError
+
+    opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32))
+    with pytest.raises(ConfigError, match="pruner=tyr needs"):
+        geometry(opt)
+
+
+QUICK = ["pruner=tyr", "pruner.iterations=2", "pruner.generations=2", "pruner.offspring=4",
+         "pruner.selection=[[2,64],[1,128]]", "pruner.search_windows=4", "pruner.min_channels=4"]
+
+
+def test_tyr_end_to_end_yields_a_smaller_model_that_reloads(run_main, tmp_path):
+    code, err, results = run_main(*TINY, *QUICK, "model=tiny-llama", "sparsity=0.5", "save.final=true")
+    assert code == 0, err
+    tyr = results["tyr"]
+    assert tyr["block_params"]["removed_fraction"] == pytest.approx(0.5, abs=0.03)
+    assert len(tyr["distribution"]) == 2 and len(tyr["iterations"]) == 2
+    assert all(len(it["fitness"]) == 2 for it in tyr["iterations"])
+    assert results["config"]["redense"]["name"] == "none"  # implied
+    model = load_pruned(results["saved"]["model"])
+    assert sum(p.numel() for p in model.model.layers.parameters()) == tyr["block_params"]["pruned"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sparsity=2:4"], "not 2:4"),
+    (["redense=sds"], "does not apply"),
+    (["pruner.accumulation=mean"], "choose one of: expectation, median, off"),
+    (["pruner.local=taylor"], "choose one of: obs, wanda"),
+    (["model=tiny-opt"], "pruner=tyr needs"),
+])
+def test_bad_tyr_input_is_one_line(run_main, args, message):
+    given = {a.split("=")[0] for a in args}
+    defaults = [d for d in ("model=tiny-llama", "sparsity=0.5") if d.split("=")[0] not in given]
+    code, err, _ = run_main(*TINY, *QUICK, *defaults, *args)
+    assert code == 2 and message in err and "Traceback" not in err
