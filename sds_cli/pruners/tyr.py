@@ -6,9 +6,9 @@ Greedy backward elimination on the quadratic ||(W - W0) X||^2 = tr((W - W0) H (W
 takes the Newton step from the current weights to the optimum on the columns still alive,
 U = G H_alive^-1 with G = W0 H (its first- and second-order terms), scores every alive group S by
 the loss its removal costs with optimal compensation, 1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T), removes the
-lowest ones, and downdates H_alive^-1 (a Schur complement). The removal order is one path, so every
-level of the supernet is a prefix of it; each level ends with an exact least-squares refit of its
-kept columns. A Wanda-style score without compensation is the simple structured baseline."""
+lowest ones, and downdates H_alive^-1 (a Schur complement) and U (the OBS update). The removal order
+is one path, so every level of the supernet is a prefix of it; each level ends with the least-squares
+refit of its kept columns, G_K H_KK^-1, read off the downdated inverse. A Wanda-style score without compensation is the simple structured baseline."""
 from __future__ import annotations
 
 import math
@@ -32,15 +32,6 @@ def _columns(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
 
 
-def _refit(g: torch.Tensor, h: torch.Tensor, alive: torch.Tensor, size: int) -> torch.Tensor:
-    """The least-squares weights on the kept columns: W_K = G_K H_KK^-1."""
-    out = torch.zeros_like(g)
-    cols = _columns(alive.nonzero().flatten(), size)
-    if len(cols):
-        out[:, cols] = torch.linalg.solve(h[cols][:, cols], g[:, cols].T).T
-    return out
-
-
 def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: list[int], rounds: int = 16,
                percdamp: float = 0.01) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """``weight`` [out, in] with each count in ``removals`` of its ``size``-column groups removed and the
@@ -50,23 +41,26 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     g = w0 @ h
     n = w0.shape[1] // size
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
     alive = torch.ones(n, dtype=torch.bool, device=w0.device)
     per_round = max(1, math.ceil(max(removals) / rounds))
     out, removed, order = {}, 0, []
     for target in sorted(set(removals)):
         while removed < target:
-            u = (g @ hinv).reshape(len(g), n, size)
             blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
             blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
-            score = 0.5 * torch.einsum("rni,nij,rnj->n", u, torch.linalg.inv(blocks), u)
+            grouped = u.reshape(len(u), n, size)
+            score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
             score[~alive] = math.inf
             pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
             cols = _columns(pick, size)
-            hinv -= hinv[:, cols] @ torch.linalg.solve(hinv[cols][:, cols], hinv[cols, :])
-            hinv[cols, :], hinv[:, cols] = 0, 0
+            inv = torch.linalg.inv(hinv[cols][:, cols])
+            u -= u[:, cols] @ inv @ hinv[cols, :]
+            hinv -= hinv[:, cols] @ inv @ hinv[cols, :]
+            hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
             alive[pick], removed = False, removed + len(pick)
             order.append(pick)
-        out[target] = _refit(g, h, alive, size).to(weight.dtype)
+        out[target] = (g.float() @ hinv.float()).to(weight.dtype)  # the least-squares refit of the kept columns
     return out, torch.cat([*order, alive.nonzero().flatten()])
 
 
