@@ -1,4 +1,5 @@
-"""`sds-bench`: what 2:4 sparsity buys at inference, measured on a CUDA GPU.
+"""`sds-bench`: what 2:4 sparsity buys at inference, measured on a CUDA GPU (``--device cpu``: unstructured and
+N:M sparsity through DeepSparse, see ``cpubench``).
 
 Every 2:4 linear inside the decoder blocks is stored in PyTorch's semi-structured sparse format
 (``torch.sparse.to_sparse_semi_structured``, cuSPARSELt/CUTLASS kernels, compute capability 8.0+),
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from torch import nn
 from torch.nn import functional as F
 
@@ -125,15 +127,39 @@ def sparsify(linears: dict[str, nn.Linear]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from . import cpubench
+
     parser = argparse.ArgumentParser(prog="sds-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help=f"a saved pruned model dir, or a random 2:4 shape: {', '.join(SHAPES)}")
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
-    parser.add_argument("--prefill", type=int, default=2048, help="prefill tokens (batch 1)")
-    parser.add_argument("--decode", type=int, default=64, help="generated tokens for the decode latency")
+    parser.add_argument("model", help=f"a saved pruned model dir, or a random-weight shape: {', '.join(SHAPES)} "
+                                      f"(cuda: 2:4 mask), with --device cpu also {', '.join(cpubench.MLP_SHAPES)}")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="cuda: float16 (default) or bfloat16; cpu: float32 only")
+    parser.add_argument("--prefill", type=int, nargs="+",
+                        help="prefill tokens (batch 1); cuda times the first (default 2048), cpu each (default 2048 "
+                             "128) and decodes after the shortest")
+    parser.add_argument("--decode", type=int, default=64, help="cuda: generated tokens for the decode latency")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    cpu = parser.add_argument_group("--device cpu")
+    cpu.add_argument("--sparsity", help="shapes: fraction of zeros or N:M, e.g. 0.5 (default), 2:4, 4:8")
+    cpu.add_argument("--threads", type=int, help="threads for PyTorch and DeepSparse (default: all cores)")
+    cpu.add_argument("--dense", help="the dense reference: a model dir or a conf/model preset (default: the pruned "
+                                     "model with its zeros filled)")
+    cpu.add_argument("--backend", default="auto", choices=["auto", "deepsparse", "torch"],
+                     help="deepsparse: sparse vs dense in DeepSparse, plus dense in PyTorch; torch: pruned vs dense "
+                          "in PyTorch, for structurally pruned (smaller) models; auto: torch for a model without "
+                          "zeros given --dense, else deepsparse")
     args = parser.parse_args(argv)
     try:
+        if args.device == "cpu":
+            cpubench.run(args)
+            return
+        misplaced = [f"--{k}" for k in ("sparsity", "threads", "dense") if getattr(args, k)]
+        misplaced += ["--backend"] * (args.backend != "auto") + ["--dtype float32"] * (args.dtype == "float32")
+        if misplaced:
+            raise ConfigError(f"{', '.join(misplaced)}: for --device cpu only")
+        args.dtype, args.prefill = args.dtype or "float16", (args.prefill or [2048])[0]
         if problem := support_problem():
             raise ConfigError(problem)
         model = load(args.model, getattr(torch, args.dtype))
@@ -145,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         sparsify(linears)
         sparse = model_latency(model, args.prefill, args.decode, args.repeats)
     except (ConfigError, RuntimeError) as err:
-        console.print(f"[bold red]error:[/] {str(err).splitlines()[0]}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err).splitlines()[0])}", highlight=False, soft_wrap=True)
         sys.exit(2)
     report(args, layers, dense, sparse, len(linears))
 
