@@ -38,7 +38,7 @@ def main() -> None:
     tasks = {
         "prefill_2048_s": lambda m: m(ids, use_cache=False),
         "prefill_128_s": lambda m: m(ids[:, :128], use_cache=False),
-        "decode_s_per_token": lambda m: m.generate(ids[:, :128], max_new_tokens=args.decode, min_new_tokens=args.decode,
+        "decode_s_per_token": lambda m: m.generate(ids[:, :128], max_new_tokens=args.decode, min_new_tokens=args.decode, use_cache=True,
                                                    do_sample=False),
     }
     times = {name: {k: [] for k in tasks} for name in models}
