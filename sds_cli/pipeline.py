@@ -126,7 +126,7 @@ def run(cfg: DictConfig, record: Record) -> None:
         dense_baseline(cfg, record, evaluate)
     if structured:
         kinds = replay_guard(lm.model, calib, device, cfg, record) if cfg.engine.check_replay else None
-        structured_stage(cfg, lm, calib, structured, kinds, device, record)
+        structured_stage(cfg, lm, calib, structured, pattern, kinds, device, record)
         evaluate_stage(record, evaluate, checkpoint, "oneshot")
         if cfg.save.final:
             save(lm, record, "model", cfg)
@@ -169,13 +169,13 @@ def structured_config(cfg: DictConfig, pattern: Pattern) -> TyrConfig | None:
     return TyrConfig(**cfg.pruner)
 
 
-def structured_stage(cfg: DictConfig, lm, calib: torch.Tensor, tyr_cfg: TyrConfig, kinds, device: str,
-                     record: Record) -> None:
+def structured_stage(cfg: DictConfig, lm, calib: torch.Tensor, tyr_cfg: TyrConfig, pattern: Pattern, kinds,
+                     device: str, record: Record) -> None:
     """Týr: supernet, search, and the physically smaller model (recorded as the ``oneshot`` stage)."""
     from .tyr import prune
 
     with record.stage("oneshot"):
-        out = prune(lm.model, calib, Pattern.parse(cfg.sparsity).sparsity, tyr_cfg, device, cfg.seed,
+        out = prune(lm.model, calib, pattern.sparsity, tyr_cfg, device, cfg.seed,
                     cfg.engine.batch_size, cfg.engine.offload, kinds, bar)
     record.layers["tyr"] = out["layers"]
     record.extra["tyr"] = out["extra"]

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from .engine import Stream, capture, collect, walk
 from .models import decoder_layers
+from .oneshot import relative_error
 from .pruners.base import ConfigError
 from .pruners.tyr import LOCAL
 from .structure import OUTPUTS, Geometry, Kept, block_params, geometry, shrink
@@ -126,7 +127,7 @@ def build(model, stream: Stream, net: Supernet, cfg: TyrConfig, geo: Geometry, p
                                    percdamp=cfg.percdamp)
             net.weights[(i, kind)], net.order[(i, kind)] = weights, order
             linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
-            errors = {r: _relative_error(dense, w, gram) for r, w in weights.items()}
+            errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
             rows.append(_Row(i, name, removals, [errors[r] for r in removals], time.perf_counter() - start))
         return rows
 
@@ -140,11 +141,6 @@ class _Row:
     removed: list[int]
     error: list[float]
     seconds: float
-
-
-def _relative_error(weight: torch.Tensor, new: torch.Tensor, gram: torch.Tensor) -> float:
-    diff = (weight - new).float()
-    return ((diff @ gram) * diff).sum().item() / max(((weight.float() @ gram) * weight.float()).sum().item(), 1e-30)
 
 
 class Fitness:
