@@ -31,6 +31,7 @@ class ReportError(Exception):
 class Run:
     name: str
     data: dict
+    bench: dict[str, dict] = field(default_factory=dict)  # stage -> sds-bench JSON of that stage's saved model
 
     def cfg(self, *keys, default="?"):
         node = self.data.get("config") or {}
@@ -60,6 +61,25 @@ class Run:
         v = (self.data.get("metrics") or {}).get(stage, {}).get(key)
         return float(v) if isinstance(v, (int, float)) else None
 
+    def speedup(self, stage: str, key: str) -> float | None:
+        v = self.bench.get(stage, {}).get(key)
+        return float(v) if isinstance(v, (int, float)) else None
+
+
+def benches(run_dir: Path, redense: str) -> dict[str, dict]:
+    """The `sds-bench --out` files beside a run (any JSON in its dir with a `prefill_speedup`), keyed by the stage
+    whose saved model they measured: `model_oneshot` is the one-shot model, `model` the run's final one."""
+    found = {}
+    for file in sorted(run_dir.glob("*.json")):
+        try:
+            data = json.loads(file.read_text()) if file.name != "results.json" else None
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "prefill_speedup" in data:
+            model = Path(str(data.get("model", ""))).name
+            found["oneshot" if model == "model_oneshot" or redense == "none" else "sds"] = data
+    return found
+
 
 def collect(paths: list[Path]) -> list[Run]:
     """Every results.json under `paths` (or a results.json given itself); an unreadable one is a failed run."""
@@ -79,8 +99,9 @@ def collect(paths: list[Path]) -> list[Run]:
             except (OSError, ValueError) as err:
                 data = {"status": "failed", "error": f"unreadable results.json: {err}"}
             top = root if root.is_dir() else root.parent  # a run is named relative to this, or its parent
-            runs.append(Run(str(file.parent.relative_to(top.parent if len(paths) > 1 or file.parent == top else top)),
-                            data))
+            run = Run(str(file.parent.relative_to(top.parent if len(paths) > 1 or file.parent == top else top)), data)
+            run.bench = benches(file.parent, run.redense)
+            runs.append(run)
     return runs
 
 
@@ -165,6 +186,10 @@ def build(runs: list[Run], metric: str, paper: bool = False) -> Table:
     accuracy = any(r.value(s, "mean_acc") is not None for r in runs for s in STAGES)
     if accuracy:
         columns += _quantity("acc% ", "mean_acc", +1, ".2f", scale=100)
+    if speed := {(s, b.get("backend", "?")) for r in runs for s, b in r.bench.items()}:
+        for phase in ("prefill", "decode"):
+            columns += [(f"{phase}× {STAGES[s]}", ".2f", lambda r, s=s, p=phase: r.speedup(s, f"{p}_speedup"))
+                        for s in STAGES if any(stage == s for stage, _ in speed)]
     if paper:
         columns += [(f"paper {label}", ".2f", lambda r, s=stage: published(r, s)) for stage, label in STAGES.items()]
         columns += [(f"Δ% {label}", "+.1f", lambda r, s=stage: diff(r, s)) for stage, label in STAGES.items()]
@@ -177,7 +202,10 @@ def build(runs: list[Run], metric: str, paper: bool = False) -> Table:
     for r in runs:
         table.rows.append([c[2](r) for c in columns])
         table.failed.append(not r.ok)
+    speed_note = (f"prefill×, decode×: speedup of the saved model over its dense twin (sds-bench, "
+                  f"{', '.join(sorted({b for _, b in speed}))}; prefill at the longest length benched)")
     table.notes = ((["acc%: mean zero-shot accuracy in %, SDS gain = SDS - one-shot"] if accuracy else [])
+                   + ([speed_note] if speed else [])
                    + [f"paper: {s}" for s in sources] + (["Δ%: ours relative to paper"] if paper else []))
     return table
 

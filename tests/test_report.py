@@ -93,6 +93,25 @@ def test_paper_columns_and_sorting(tmp_path):
     assert any("2408.10473" in note for note in table.notes)
 
 
+def test_speedup_columns_from_bench_files_beside_runs(tmp_path):
+    """A bench JSON in a run dir fills the speedup column of the stage whose saved model it measured."""
+    fake_run(tmp_path / "a")
+    fake_run(tmp_path / "b", pruner="wanda")
+    bench = {"backend": "deepsparse", "prefill_speedup": 1.3, "decode_speedup": 1.1}
+    (tmp_path / "a" / "bench_sds.json").write_text(json.dumps(bench | {"model": "outputs/x/a/model"}))
+    (tmp_path / "a" / "bench_oneshot.json").write_text(json.dumps(bench | {"model": "a/model_oneshot",
+                                                                           "prefill_speedup": 1.2}))
+    (tmp_path / "a" / "notes.json").write_text(json.dumps({"model": "a/model"}))  # not a bench file
+    table = report.build(report.collect([tmp_path]), "ppl_wikitext2")
+    rows = {r["pruner"]: r for r in (dict(zip(table.columns, row)) for row in table.rows)}
+    assert rows["sparsegpt"]["prefill× SDS"] == 1.3 and rows["sparsegpt"]["prefill× one-shot"] == 1.2
+    assert rows["sparsegpt"]["decode× SDS"] == 1.1 and rows["wanda"]["prefill× SDS"] is None
+    assert "prefill× dense" not in table.columns and any("deepsparse" in n for n in table.notes)
+    plain = tmp_path / "plain"
+    fake_run(plain / "c")
+    assert not any("×" in c for c in report.build(report.collect([plain]), "ppl_wikitext2").columns)
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "required: PATH"),
     (["{tmp}/nowhere"], "no such file or directory"),
