@@ -4,8 +4,9 @@ A structure is an attention head (its rows of q_proj and its input columns of o_
 goes when no kept query head reads it) or an FFN channel (its rows of gate_proj/up_proj and its input
 column of down_proj). Removing them leaves a smaller dense model. Transformers' attention infers the
 head count from q_proj's width, so per-block head counts only need ``num_key_value_groups`` set per
-block; a block whose kept query heads read their key/value heads unevenly gets one key/value copy per
-query head. The kept indices go into ``config.json`` (``pruned_structure``) so that ``load_pruned``
+block. A block whose kept query heads read their key/value heads unevenly keeps k_proj/v_proj over the
+key/value heads still read and hands each query head its own by indexing (``_PerHead``), so no weight is
+copied and the removed parameters are exactly the budgeted ones. The kept indices go into ``config.json`` (``pruned_structure``) so that ``load_pruned``
 rebuilds the same smaller model from a saved directory."""
 from __future__ import annotations
 
@@ -86,6 +87,21 @@ class _NoAttention(nn.Module):
         return torch.zeros_like(hidden_states), None
 
 
+class _PerHead(nn.Module):
+    """k_proj or v_proj of a block with uneven query groups: the kept key/value heads' projection, then
+    one key/value head per kept query head, selected by index (what ``repeat_kv`` does for even groups)."""
+
+    def __init__(self, linear: nn.Linear, index: list[int], head_dim: int):
+        super().__init__()
+        self.linear, self.head_dim = linear, head_dim
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long, device=linear.weight.device),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.linear(x).unflatten(-1, (-1, self.head_dim))
+        return heads.index_select(-2, self.index).flatten(-2)
+
+
 def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
     return _linear(linear.weight[index], None if linear.bias is None else linear.bias[index])
 
@@ -114,14 +130,16 @@ def shrink_block(block: nn.Module, kept: Kept, geo: Geometry) -> None:
     else:
         per_kv = geo.heads // geo.kv_heads
         readers = [h // per_kv for h in kept.heads]  # the key/value head each kept query head reads
-        counts = {kv: readers.count(kv) for kv in readers}
-        even = len(set(counts.values())) == 1
-        kv = list(counts) if even else readers
-        rows = _head_rows(kept.heads, geo.head_dim)
-        kv_rows = _head_rows(kv, geo.head_dim)
+        kv = sorted(set(readers))
+        rows, kv_rows = _head_rows(kept.heads, geo.head_dim), _head_rows(kv, geo.head_dim)
         attn.q_proj, attn.o_proj = _rows(attn.q_proj, rows), _cols(attn.o_proj, rows)
         attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv_rows), _rows(attn.v_proj, kv_rows)
         attn.num_key_value_groups = len(kept.heads) // len(kv)
+        if len({readers.count(h) for h in kv}) > 1:
+            index = [kv.index(h) for h in readers]
+            attn.k_proj, attn.v_proj = (_PerHead(attn.k_proj, index, geo.head_dim),
+                                        _PerHead(attn.v_proj, index, geo.head_dim))
+            attn.num_key_value_groups = 1
     channels = torch.tensor(kept.channels, dtype=torch.long)
     mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, channels), _rows(mlp.up_proj, channels)
     mlp.down_proj = _cols(mlp.down_proj, channels)

@@ -283,5 +283,7 @@ def _kept(net: Supernet, i: int, kind: str, centers: dict[str, list[int]]) -> li
 
 
 def _kv(block) -> int:
+    """Key/value heads the smaller block computes (a `_PerHead` projection holds its linear inside)."""
     attn = block.self_attn
-    return attn.k_proj.out_features // attn.head_dim if hasattr(attn, "k_proj") else 0
+    k_proj = getattr(attn, "k_proj", None)
+    return 0 if k_proj is None else getattr(k_proj, "linear", k_proj).out_features // attn.head_dim

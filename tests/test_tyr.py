@@ -102,10 +102,11 @@ def _zeroed(model, kept):
 
 
 def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_path):
-    # block 0: heads read both key/value heads evenly; block 1 unevenly (copies); block 2 has no attention left
+    # block 0: heads read both key/value heads evenly; block 1 unevenly (2 + 1); block 2 has no attention left
     kept = [Kept([0, 1, 3, 4], list(range(0, 96, 2))), Kept([0, 1, 5], list(range(40))), Kept([], [3, 7])]
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
     model = tiny()
+    dense_params = sum(p.numel() for p in model.model.layers.parameters())
     _zeroed(model, kept)
     with torch.no_grad():
         want = model(ids).logits
@@ -113,7 +114,13 @@ def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_pat
         got = model(ids).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert model.model.layers[0].self_attn.k_proj.out_features == 2 * 16  # two key/value heads, shared
-    assert model.model.layers[1].self_attn.k_proj.out_features == 3 * 16  # one copy per query head
+    attn = model.model.layers[1].self_attn
+    assert attn.k_proj.linear.out_features == attn.v_proj.linear.out_features == 2 * 16  # no key/value head copied
+    # exactly the removed structures' parameters are gone: 16-wide heads of 96 inputs, 96-wide channels
+    head = kv_head = 2 * 16 * 96
+    channels = sum(96 - len(k.channels) for k in kept)
+    removed = (6 - 4) * head + (6 - 3) * head + 6 * head + 2 * kv_head + channels * 3 * 96
+    assert sum(p.numel() for p in model.model.layers.parameters()) == dense_params - removed
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path)(ids).logits, got)
