@@ -33,6 +33,7 @@ VARIANTS = {  # redense overrides on top of conf/redense/sds.yaml
     "soft": {"adjust": "soft", "adjust_iters": 50},
     "admm30": {"adjust": "admm", "adjust_iters": 30},
     "admm50": {"adjust": "admm", "adjust_iters": 50},
+    "admm30_rho0.01": {"adjust": "admm", "adjust_iters": 30, "admm_rho": 0.01},
     "refit": {"adjust": "refit"},
     "refit_no_redense": {"adjust": "refit", "iters": 0},
     "refit_l2": {"adjust": "refit", "l2": 0.1},
