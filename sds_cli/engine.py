@@ -268,6 +268,30 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     return {n: stats[owner[n]] for n in names}
 
 
+@torch.no_grad()
+def input_groups(block: nn.Module, stream: Stream, names: list[str]) -> list[list[str]]:
+    """The named linears grouped by the input they share (q/k/v, gate/up), in the order the block's forward
+    reaches them (found on the first batch), for stages that re-collect each group's inputs after the
+    groups before it have changed."""
+    modules, seen = dict(block.named_modules()), []
+
+    def hook(n):
+        def record(module, args):
+            seen.append((n, args[0]))
+            if len(seen) == len(names):
+                raise _Captured
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    _until_captured(block, *next(stream.batches()))
+    for handle in handles:
+        handle.remove()
+    groups: dict[int, list[str]] = {}
+    for n, x in seen:  # ``seen`` holds every input, so no id is reused while grouping
+        groups.setdefault(id(x), []).append(n)
+    return list(groups.values())
+
+
 def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:
     try:
         block(h, **kw)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import StageCheckpoint
-from .engine import Stream, collect, model_linears, selected_linears, walk
+from .engine import Stream, collect, input_groups, model_linears, selected_linears, walk
 from .oneshot import sync
 from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
 
@@ -53,6 +53,7 @@ class RedenseConfig:
     admm_rho: float = 0.1  # admm: the penalty's start, relative to the unit diagonal of the normalised gram
     admm_growth: float = 1.3  # admm: rho's factor every RHO_EVERY iterations, so the mask settles
     early_exit: bool = True
+    sequential: bool = False  # re-collect each input group's statistics after the groups before it changed
 
     def __post_init__(self):
         for key, choices in CHOICES.items():
@@ -268,20 +269,20 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
 
     def step(i, block, inputs, linears):
         nonlocal reference
-        if reference is None:  # W_d X on the pruned model's inputs: the dense stream is not needed
-            stats = collect(block, inputs, list(linears))
-        else:
-            original = dense_block(i, block)
-            stats = collect(block, inputs, list(linears), reference=(original, reference))
-            reference = reference.through(original)
+        paired = None if reference is None else (dense_block(i, block), reference)  # None: W_d X needs no dense stream
         records = []
-        for name, linear in linears.items():
-            start = time.perf_counter()
-            final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),
-                                    dense[i, name].to(linear.weight.device).float(), stats[name], pruner, pattern, cfg)
-            linear.weight.data = final.to(linear.weight.dtype)
-            sync(final.device)
-            records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
+        for group in input_groups(block, inputs, list(linears)) if cfg.sequential else [list(linears)]:
+            stats = collect(block, inputs, group, reference=paired)
+            for name in group:
+                linear, start = linears[name], time.perf_counter()
+                final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),
+                                        dense[i, name].to(linear.weight.device).float(), stats[name], pruner,
+                                        pattern, cfg)
+                linear.weight.data = final.to(linear.weight.dtype)
+                sync(final.device)
+                records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
+        if paired:
+            reference = reference.through(paired[0])
         return records
 
     def skip(i, block):

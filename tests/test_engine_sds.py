@@ -4,7 +4,7 @@ import torch
 from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
 
 from sds_cli import data
-from sds_cli.engine import capture, collect, mask_fingerprints, selected_linears
+from sds_cli.engine import capture, collect, input_groups, mask_fingerprints, selected_linears
 from sds_cli.models import decoder_layers, load_model
 from sds_cli.oneshot import prune_model, relative_error
 from sds_cli.perplexity import perplexity, windows
@@ -59,19 +59,51 @@ def test_statistics_batching_does_not_change_the_gram():
     torch.testing.assert_close(grams[0], grams[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family, groups", [
+    ("tiny-llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("tiny-opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"],
+                  ["fc2"]])])
+def test_input_groups_follow_the_forward(family, groups):
+    lm, stream = tiny(family)
+    block = decoder_layers(lm.model)[0]
+    names = sorted(selected_linears(block, ".*"), reverse=True)  # the order given must not matter
+    assert input_groups(block, stream, names) == groups
+
+
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
-def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity):
+def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity, sequential):
     lm, stream = tiny()
     pattern, pruner = Pattern.parse(sparsity), build_pruner("sparsegpt")
     dense = snapshot(lm.model, ".*")
     prune_model(lm.model, stream, pruner, pattern, ".*")
-    records = sds_model(lm.model, stream, dense, pruner, pattern, ".*", RedenseConfig(iters=50, adjust_iters=50))
+    records = sds_model(lm.model, stream, dense, pruner, pattern, ".*",
+                        RedenseConfig(iters=50, adjust_iters=50, sequential=sequential))
     assert all(r["error_redense"] < r["error_oneshot"] for r in records)  # re-dense beats the sparse layer
     assert all(r["error_final"] <= r["error_oneshot"] for r in records)  # early exit never makes a layer worse
     assert sum(r["kept"] == "sds" for r in records) > len(records) // 2
     for block in decoder_layers(lm.model):
         for linear in selected_linears(block, ".*").values():
             assert_exact(linear.weight, pattern)
+
+
+def test_sequential_sds_feeds_each_group_the_weights_before_it():
+    """In block 0, q/k/v see the embeddings in both modes and get the same SDS weights; o_proj's one-shot
+    error differs, because in sequential mode its inputs come from the SDS q/k/v, not the one-shot ones."""
+    runs = []
+    for sequential in (False, True):
+        lm, stream = tiny()
+        pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
+        dense = snapshot(lm.model, ".*")
+        prune_model(lm.model, stream, pruner, pattern, ".*")
+        runs.append({r["layer"]: r for r in sds_model(lm.model, stream, dense, pruner, pattern, ".*",
+                                                      RedenseConfig(sequential=sequential)) if r["block"] == 0})
+    plain, sequential = runs
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert plain[name]["error_final"] == pytest.approx(sequential[name]["error_final"], rel=1e-5)
+    assert plain["self_attn.o_proj"]["error_oneshot"] != pytest.approx(sequential["self_attn.o_proj"]["error_oneshot"],
+                                                                       rel=1e-3)
 
 
 def synthetic_layer(seed=0):
@@ -217,3 +249,39 @@ def test_admm_adjust_beats_projected_descent_on_a_real_layer(smollm2_block0, spa
     soft = minimize(obj, pruned, RedenseConfig(), 50, lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
     assert_exact(solved, pattern)
     assert obj.error(solved) < min(obj.error(soft), obj.error(pruned))
+
+
+def test_dense_outputs_objective_matches_explicit_inputs():
+    """``target: dense_outputs`` pairs each token's input to a pruned block's linear with the dense model's
+    input to the same linear: the collected cross and reference terms, and the objective built on them,
+    equal ||W_d X_ref - W X||^2 / ||W_d X_ref||^2 computed from the captured inputs themselves."""
+    import copy
+
+    from sds_cli.redense import Objective
+
+    lm, stream = tiny()
+    dense_blocks = copy.deepcopy(decoder_layers(lm.model))
+    prune_model(lm.model, stream, build_pruner("sparsegpt"), Pattern.parse("2:4"), ".*")
+    pruned, ref = stream.through(decoder_layers(lm.model)[0]), stream.through(dense_blocks[0])
+    names = ["self_attn.o_proj", "mlp.down_proj"]
+    block, original = decoder_layers(lm.model)[1], dense_blocks[1]
+    stats = collect(block, pruned, names, reference=(original, ref))
+
+    def inputs(module, s, name):
+        seen = []
+        handle = dict(module.named_modules())[name].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        for h, kw in s.batches():
+            module(h, **kw)
+        handle.remove()
+        return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+    for name in names:
+        x, x_ref = inputs(block, pruned, name), inputs(original, ref, name)
+        assert not torch.allclose(x, x_ref)  # the pruned block 0 changed the inputs
+        torch.testing.assert_close(stats[name].cross, x_ref.T @ x / len(x), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats[name].ref_gram, x_ref.T @ x_ref / len(x), rtol=1e-4, atol=1e-6)
+        w_d = dict(original.named_modules())[name].weight.detach()
+        w = dict(block.named_modules())[name].weight.detach()
+        obj = Objective(w_d, stats[name].gram, stats[name].cross, stats[name].ref_gram)
+        explicit = ((x_ref @ w_d.T - x @ w.T).square().sum() / (x_ref @ w_d.T).square().sum()).item()
+        assert obj.error(w) == pytest.approx(explicit, rel=1e-3)
