@@ -7,6 +7,7 @@ and (unless offloaded) the activations live on the accelerator."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -292,6 +293,49 @@ def input_groups(block: nn.Module, stream: Stream, names: list[str]) -> list[lis
     return list(groups.values())
 
 
+class Frozen:
+    """Replays the outputs of a block's submodules (not the linears themselves) whose selected linears are
+    all final, one per calibration batch.
+
+    A sequential stage runs the block's batches once per input group. Groups run in forward order, so a
+    submodule whose linears are done also has a fixed input: its outputs are recorded on the next pass and
+    replayed on the later ones (the attention runs once after o_proj is final, not again for gate/up, down
+    and the stream to the next block). ``restore`` gives every submodule its own forward back."""
+
+    def __init__(self, block: nn.Module, names: list[str], stream: Stream):
+        self.block, self.names, self.stream = block, set(names), stream
+        self.outputs: dict[str, list] = {}
+        self.patched: dict[nn.Module, Callable | None] = {}
+
+    def freeze(self, done: set[str]) -> None:
+        for path, module in self.block.named_modules():
+            inside = {n for n in self.names if n.startswith(path + ".")}
+            if path and path not in self.outputs and inside and inside <= done:
+                for child in [c for c in self.outputs if c.startswith(path + ".")]:  # never called again
+                    self.outputs.pop(child)
+                self.outputs[path], self.patched[module] = [], vars(module).get("forward")  # None: the class's
+                module.forward = self._replaying(module.forward, self.outputs[path])
+
+    def _replaying(self, forward, outputs: list):
+        calls = itertools.count()
+
+        def replay(*args, **kwargs):
+            i = next(calls) % len(self.stream.hidden)  # each pass reaches a finished submodule once per batch
+            if i == len(outputs):
+                outputs.append(_to(forward(*args, **kwargs), self.stream.store))
+            return _to(outputs[i], self.stream.device)
+        return replay
+
+    def restore(self) -> None:
+        for module, forward in self.patched.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+        self.patched.clear()
+        self.outputs.clear()
+
+
 def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:
     try:
         block(h, **kw)
@@ -301,10 +345,12 @@ def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:
 
 def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Stream, dict[str, nn.Linear]], list],
          progress: Callable[[int], None] = lambda i: None, checkpoint: StageCheckpoint | None = None,
-         layers: str = ".*", skip: Callable[[int, nn.Module], None] = lambda i, block: None) -> list[dict]:
+         layers: str = ".*", skip: Callable[[int, nn.Module], None] = lambda i, block: None,
+         advance: Callable[[Stream, nn.Module], Stream] = Stream.through) -> list[dict]:
     """Visit the blocks in order: move block ``i`` to the device, let ``step`` change its selected
-    linears and return their records, then recompute its outputs for the next block. Blocks the ``checkpoint`` holds
-    are restored instead (``skip`` lets a stage keep side streams in step). Returns every record."""
+    linears and return their records, then recompute its outputs for the next block (``advance``). Blocks the
+    ``checkpoint`` holds are restored instead (``skip`` lets a stage keep side streams in step). Returns every
+    record."""
     blocks = decoder_layers(model)
     done = checkpoint.finished() if checkpoint else 0
     records: list[dict] = []
@@ -321,7 +367,7 @@ def walk(model: nn.Module, stream: Stream, step: Callable[[int, nn.Module, Strea
                 checkpoint.save(i, linears, rows)
             records += rows
         if i + 1 < len(blocks) and done < len(blocks):
-            stream = stream.through(block)
+            stream = advance(stream, block)
         block.to("cpu")
         progress(i)
     return records

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import StageCheckpoint
-from .engine import Stream, collect, input_groups, model_linears, selected_linears, walk
+from .engine import Frozen, Stream, collect, input_groups, model_linears, selected_linears, walk
 from .oneshot import sync
 from .pruners.base import ConfigError, LayerStats, Pattern, Pruner, mask_from_scores
 
@@ -53,7 +53,7 @@ class RedenseConfig:
     admm_rho: float = 0.1  # admm: the penalty's start, relative to the unit diagonal of the normalised gram
     admm_growth: float = 1.3  # admm: rho's factor every RHO_EVERY iterations, so the mask settles
     early_exit: bool = True
-    sequential: bool = False  # re-collect each input group's statistics after the groups before it changed
+    sequential: bool = True  # re-collect each input group's statistics after the groups before it changed
 
     def __post_init__(self):
         for key, choices in CHOICES.items():
@@ -267,10 +267,12 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
             linear.weight.data = dense[i, name].to(linear.weight)
         return copied
 
+    frozen: Frozen | None = None
+
     def step(i, block, inputs, linears):
-        nonlocal reference
+        nonlocal reference, frozen
         paired = None if reference is None else (dense_block(i, block), reference)  # None: W_d X needs no dense stream
-        records = []
+        records, frozen = [], Frozen(block, list(linears), inputs)
         for group in input_groups(block, inputs, list(linears)) if cfg.sequential else [list(linears)]:
             stats = collect(block, inputs, group, reference=paired)
             for name in group:
@@ -281,6 +283,8 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
                 linear.weight.data = final.to(linear.weight.dtype)
                 sync(final.device)
                 records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
+            if cfg.sequential:
+                frozen.freeze({r.layer for r in records})
         if paired:
             reference = reference.through(paired[0])
         return records
@@ -290,7 +294,18 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
         if reference is not None:
             reference = reference.through(dense_block(i, block))
 
-    return walk(model, stream, step, progress, checkpoint, layers, skip)
+    def advance(inputs, block):
+        try:
+            return inputs.through(block)
+        finally:
+            if frozen:
+                frozen.restore()
+
+    try:
+        return walk(model, stream, step, progress, checkpoint, layers, skip, advance)
+    finally:
+        if frozen:
+            frozen.restore()
 
 
 def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:

@@ -106,6 +106,31 @@ def test_sequential_sds_feeds_each_group_the_weights_before_it():
                                                                        rel=1e-3)
 
 
+def test_frozen_submodules_replay_their_outputs_exactly():
+    """Once q/k/v/o are final, the attention's outputs are recorded on one pass and replayed on the next:
+    the MLP statistics and the block's outputs equal a fresh forward's, changing a finished linear no longer
+    reaches them while frozen (so the replay is what runs), and ``restore`` brings the forwards back."""
+    from sds_cli.engine import Frozen
+
+    lm, stream = tiny()
+    block = decoder_layers(lm.model)[0]
+    names = list(selected_linears(block, ".*"))
+    fresh = collect(block, stream, ["mlp.down_proj"])["mlp.down_proj"].gram
+    after = stream.through(block).hidden
+    frozen = Frozen(block, names, stream)
+    frozen.freeze({n for n in names if n.startswith("self_attn.")})
+    assert set(frozen.outputs) == {"self_attn"}
+    for _ in range(2):  # the first pass records, the second replays
+        torch.testing.assert_close(collect(block, stream, ["mlp.down_proj"])["mlp.down_proj"].gram, fresh,
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(stream.through(block).hidden, after, rtol=0, atol=0)
+    block.self_attn.q_proj.weight.data.mul_(2)
+    torch.testing.assert_close(stream.through(block).hidden, after, rtol=0, atol=0)
+    frozen.restore()
+    assert "forward" not in vars(block.self_attn)
+    assert not torch.allclose(stream.through(block).hidden[0], after[0])
+
+
 def synthetic_layer(seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) * torch.logspace(0, 1, 64)
