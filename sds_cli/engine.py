@@ -224,32 +224,13 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     block and its own stream) also the cross term x_ref x^T and the reference's own x_ref x_ref^T.
     Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``. The
     block's forward stops once every named input is seen (attention inputs alone skip the MLP)."""
-    modules = dict(block.named_modules())
-    ref_modules = dict(reference[0].named_modules()) if reference else {}
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
     sums: dict[str, dict[str, torch.Tensor]] = {}
     tokens = 0
-
-    def capture_into(table, mods):
-        def hook(n):
-            def store(module, args):
-                table[n] = args[0]
-                if len(table) == len(names):
-                    raise _Captured
-            return store
-        return [mods[n].register_forward_pre_hook(hook(n)) for n in names]
-
     ref_batches = reference[1].batches() if reference else None
     for h, kw in stream.batches():
-        xs, xr = {}, {}
-        handles = capture_into(xs, modules)
-        if reference:
-            handles += capture_into(xr, ref_modules)
-            rh, rkw = next(ref_batches)
-            _until_captured(reference[0], rh, rkw)
-        _until_captured(block, h, kw)
-        for hd in handles:
-            hd.remove()
+        xr = _inputs(reference[0], names, *next(ref_batches)) if reference else {}
+        xs = _inputs(block, names, h, kw)
         tokens += h.shape[0] * h.shape[1]
         if not owner:
             first = {}
@@ -274,21 +255,8 @@ def input_groups(block: nn.Module, stream: Stream, names: list[str]) -> list[lis
     """The named linears grouped by the input they share (q/k/v, gate/up), in the order the block's forward
     reaches them (found on the first batch), for stages that re-collect each group's inputs after the
     groups before it have changed."""
-    modules, seen = dict(block.named_modules()), []
-
-    def hook(n):
-        def record(module, args):
-            seen.append((n, args[0]))
-            if len(seen) == len(names):
-                raise _Captured
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
-    _until_captured(block, *next(stream.batches()))
-    for handle in handles:
-        handle.remove()
     groups: dict[int, list[str]] = {}
-    for n, x in seen:  # ``seen`` holds every input, so no id is reused while grouping
+    for n, x in _inputs(block, names, *next(stream.batches())).items():  # the inputs live on: no id is reused
         groups.setdefault(id(x), []).append(n)
     return list(groups.values())
 
@@ -334,6 +302,27 @@ class Frozen:
                 module.forward = forward
         self.patched.clear()
         self.outputs.clear()
+
+
+def _inputs(block: nn.Module, names: list[str], h: torch.Tensor, kw: dict) -> dict[str, torch.Tensor]:
+    """The inputs of the named submodules on one batch, in the order the forward reaches them; the forward
+    stops once all are seen."""
+    modules, seen = dict(block.named_modules()), {}
+
+    def hook(n):
+        def store(module, args):
+            seen[n] = args[0]
+            if len(seen) == len(names):
+                raise _Captured
+        return store
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        _until_captured(block, h, kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:

@@ -272,7 +272,7 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
     def step(i, block, inputs, linears):
         nonlocal reference, frozen
         paired = None if reference is None else (dense_block(i, block), reference)  # None: W_d X needs no dense stream
-        records, frozen = [], Frozen(block, list(linears), inputs)
+        records, frozen = [], Frozen(block, list(linears), inputs) if cfg.sequential else None
         for group in input_groups(block, inputs, list(linears)) if cfg.sequential else [list(linears)]:
             stats = collect(block, inputs, group, reference=paired)
             for name in group:
@@ -283,7 +283,7 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
                 linear.weight.data = final.to(linear.weight.dtype)
                 sync(final.device)
                 records.append(SDSRecord(i, name, seconds=time.perf_counter() - start, **info))
-            if cfg.sequential:
+            if frozen:
                 frozen.freeze({r.layer for r in records})
         if paired:
             reference = reference.through(paired[0])
