@@ -219,18 +219,23 @@ def _kinds(outputs: list) -> list[int]:
 
 @torch.no_grad()
 def collect(block: nn.Module, stream: Stream, names: list[str],
-            reference: tuple[nn.Module, Stream] | None = None) -> dict[str, LayerStats]:
+            reference: tuple[nn.Module, Stream] | None = None, shared: bool = False) -> dict[str, LayerStats]:
     """Per-linear input statistics over the stream: the mean of x x^T; with a ``reference`` (the dense
     block and its own stream) also the cross term x_ref x^T and the reference's own x_ref x_ref^T.
     Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``. The
-    block's forward stops once every named input is seen (attention inputs alone skip the MLP)."""
+    block's forward stops once every named input is seen (attention inputs alone skip the MLP); where
+    the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
+    first, so that q and k (or gate) are not computed only to reach v's (or up's) input."""
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
     sums: dict[str, dict[str, torch.Tensor]] = {}
     tokens = 0
     ref_batches = reference[1].batches() if reference else None
+    hooked = names[:1] if shared else names
     for h, kw in stream.batches():
-        xr = _inputs(reference[0], names, *next(ref_batches)) if reference else {}
-        xs = _inputs(block, names, h, kw)
+        xr = _inputs(reference[0], hooked, *next(ref_batches)) if reference else {}
+        xs = _inputs(block, hooked, h, kw)
+        if shared:
+            xr, xs = ({n: x[names[0]] for n in names} if x else x for x in (xr, xs))
         tokens += h.shape[0] * h.shape[1]
         if not owner:
             first = {}
@@ -268,16 +273,19 @@ class Frozen:
     A sequential stage runs the block's batches once per input group. Groups run in forward order, so a
     submodule whose linears are done also has a fixed input: its outputs are recorded on the next pass and
     replayed on the later ones (the attention runs once after o_proj is final, not again for gate/up, down
-    and the stream to the next block). ``restore`` gives every submodule its own forward back."""
+    and the stream to the next block). With ``linears``, finished linears replay their own outputs too
+    (q/k/v while o_proj's and the MLP's inputs are collected, gate/up for the stream to the next block): on
+    the CPU a linear costs more than keeping its outputs, on an accelerator the reverse. ``restore`` gives
+    every submodule its own forward back."""
 
-    def __init__(self, block: nn.Module, names: list[str], stream: Stream):
-        self.block, self.names, self.stream = block, set(names), stream
+    def __init__(self, block: nn.Module, names: list[str], stream: Stream, linears: bool = False):
+        self.block, self.names, self.stream, self.linears = block, set(names), stream, linears
         self.outputs: dict[str, list] = {}
         self.patched: dict[nn.Module, Callable | None] = {}
 
     def freeze(self, done: set[str]) -> None:
         for path, module in self.block.named_modules():
-            inside = {n for n in self.names if n.startswith(path + ".")}
+            inside = {n for n in self.names if n.startswith(path + ".") or (self.linears and n == path)}
             if path and path not in self.outputs and inside and inside <= done:
                 for child in [c for c in self.outputs if c.startswith(path + ".")]:  # never called again
                     self.outputs.pop(child)

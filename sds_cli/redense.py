@@ -272,9 +272,10 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
     def step(i, block, inputs, linears):
         nonlocal reference, frozen
         paired = None if reference is None else (dense_block(i, block), reference)  # None: W_d X needs no dense stream
-        records, frozen = [], Frozen(block, list(linears), inputs) if cfg.sequential else None
+        records, frozen = [], (Frozen(block, list(linears), inputs, linears=inputs.device.type == "cpu")
+                               if cfg.sequential else None)
         for group in input_groups(block, inputs, list(linears)) if cfg.sequential else [list(linears)]:
-            stats = collect(block, inputs, group, reference=paired)
+            stats = collect(block, inputs, group, reference=paired, shared=cfg.sequential)
             for name in group:
                 linear, start = linears[name], time.perf_counter()
                 final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),

@@ -71,6 +71,25 @@ def test_input_groups_follow_the_forward(family, groups):
     assert input_groups(block, stream, names) == groups
 
 
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-llama"])
+def test_shared_collect_stops_at_the_groups_first_linear(family):
+    """A group's statistics collected at its first linear equal those collected at all of them, and the
+    linears before the last one in the group are never run."""
+    lm, stream = tiny(family)
+    block = decoder_layers(lm.model)[0]
+    ran = []
+    for group in input_groups(block, stream, list(selected_linears(block, ".*"))):
+        handles = [block.get_submodule(n).register_forward_hook(lambda *_, n=n: ran.append(n)) for n in group]
+        shared = collect(block, stream, group, shared=True)
+        assert ran == []
+        full = collect(block, stream, group)
+        assert len(group) == 1 or ran  # unshared, the forward runs the group's first linears to reach the last
+        ran.clear()
+        for handle in handles:
+            handle.remove()
+        assert all(torch.equal(shared[n].gram, full[n].gram) and shared[n] is shared[group[0]] for n in group)
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("sparsity", ["0.5", "2:4"])
 def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity, sequential):
@@ -129,6 +148,29 @@ def test_frozen_submodules_replay_their_outputs_exactly():
     frozen.restore()
     assert "forward" not in vars(block.self_attn)
     assert not torch.allclose(stream.through(block).hidden[0], after[0])
+
+
+def test_frozen_linears_replay_their_outputs_exactly():
+    """With ``linears``, a finished linear replays its own outputs: once q/k/v are final, o_proj's
+    statistics equal a fresh forward's on the recording and the replaying pass, and a change to q_proj no
+    longer reaches them until ``restore``; the attention, whose o_proj is not final, is not frozen."""
+    from sds_cli.engine import Frozen
+
+    lm, stream = tiny()
+    block = decoder_layers(lm.model)[0]
+    names = list(selected_linears(block, ".*"))
+    fresh = collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram
+    frozen = Frozen(block, names, stream, linears=True)
+    frozen.freeze({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"})
+    assert set(frozen.outputs) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}
+    for _ in range(2):
+        torch.testing.assert_close(collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram, fresh,
+                                   rtol=0, atol=0)
+    block.self_attn.q_proj.weight.data.mul_(2)
+    torch.testing.assert_close(collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram, fresh,
+                               rtol=0, atol=0)
+    frozen.restore()
+    assert not torch.equal(collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram, fresh)
 
 
 def synthetic_layer(seed=0):
