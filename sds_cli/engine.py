@@ -286,9 +286,7 @@ class Frozen:
     def freeze(self, done: set[str]) -> None:
         for path, module in self.block.named_modules():
             inside = {n for n in self.names if n.startswith(path + ".") or (self.linears and n == path)}
-            if path and path not in self.outputs and inside and inside <= done:
-                for child in [c for c in self.outputs if c.startswith(path + ".")]:  # never called again
-                    self.outputs.pop(child)
+            if path and inside and inside <= done and not any(path == f or path.startswith(f + ".") for f in self.outputs):
                 self.outputs[path], self.patched[module] = [], vars(module).get("forward")  # None: the class's
                 module.forward = self._replaying(module.forward, self.outputs[path])
 

@@ -99,6 +99,7 @@ def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity, sequential):
     prune_model(lm.model, stream, pruner, pattern, ".*")
     records = sds_model(lm.model, stream, dense, pruner, pattern, ".*",
                         RedenseConfig(iters=50, adjust_iters=50, sequential=sequential))
+    assert not any("forward" in vars(m) for m in lm.model.modules())  # every replay is gone after the stage
     assert all(r["error_redense"] < r["error_oneshot"] for r in records)  # re-dense beats the sparse layer
     assert all(r["error_final"] <= r["error_oneshot"] for r in records)  # early exit never makes a layer worse
     assert sum(r["kept"] == "sds" for r in records) > len(records) // 2
@@ -169,7 +170,10 @@ def test_frozen_linears_replay_their_outputs_exactly():
     block.self_attn.q_proj.weight.data.mul_(2)
     torch.testing.assert_close(collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram, fresh,
                                rtol=0, atol=0)
+    frozen.freeze(set(names))  # the attention and the MLP over their frozen linears, each patched once
+    assert set(frozen.outputs) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn", "mlp"}
     frozen.restore()
+    assert not any("forward" in vars(m) for m in block.modules())
     assert not torch.equal(collect(block, stream, ["self_attn.o_proj"])["self_attn.o_proj"].gram, fresh)
 
 
