@@ -226,16 +226,15 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     block's forward stops once every named input is seen (attention inputs alone skip the MLP); where
     the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
     first, so that q and k (or gate) are not computed only to reach v's (or up's) input."""
+    if shared:
+        return dict.fromkeys(names, collect(block, stream, names[:1], reference)[names[0]])
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
     sums: dict[str, dict[str, torch.Tensor]] = {}
     tokens = 0
     ref_batches = reference[1].batches() if reference else None
-    hooked = names[:1] if shared else names
     for h, kw in stream.batches():
-        xr = _inputs(reference[0], hooked, *next(ref_batches)) if reference else {}
-        xs = _inputs(block, hooked, h, kw)
-        if shared:
-            xr, xs = ({n: x[names[0]] for n in names} if x else x for x in (xr, xs))
+        xr = _inputs(reference[0], names, *next(ref_batches)) if reference else {}
+        xs = _inputs(block, names, h, kw)
         tokens += h.shape[0] * h.shape[1]
         if not owner:
             first = {}
