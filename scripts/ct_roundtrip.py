@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from sds_cli import export
+from sds_cli.eval.evaluator import Evaluator
 from sds_cli.models import LoadedModel
-from sds_cli.pipeline import Evaluator
+from sds_cli.results import export
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sds_cli import data
-from sds_cli.cli import CONF
-from sds_cli.engine import _reference_outputs, capture, check_replay, replay
+from sds_cli.engine.replay import check_replay, replay
+from sds_cli.engine.stream import capture, reference_outputs
 from sds_cli.models import load_model
+from sds_cli.paths import CONF
 
 
 def main() -> None:
@@ -23,7 +24,7 @@ def main() -> None:
     window = data.calibration_windows(lm.tokenizer, cfg.calib.source, 1, cfg.calib.seqlen, cfg.seed,
                                       cfg.data.root, cfg.calib.path)
     with torch.no_grad():
-        reference = _reference_outputs(lm.model, window, "cpu")
+        reference = reference_outputs(lm.model, window, "cpu")
         stream = capture(lm.model, window, 1, "cpu", False)
         own = replay(lm.model, stream, reference)
         stream.kwargs = [stream.kwargs[0]] * len(stream.kwargs)

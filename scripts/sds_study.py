@@ -20,13 +20,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sds_cli import data
-from sds_cli.cli import CONF
-from sds_cli.engine import capture, check_replay, model_linears
+from sds_cli.engine.replay import check_replay
+from sds_cli.engine.stream import capture
+from sds_cli.engine.walk import model_linears
+from sds_cli.eval.evaluator import Evaluator
 from sds_cli.models import load_model
-from sds_cli.oneshot import prune_model
-from sds_cli.pipeline import Evaluator
-from sds_cli.pruners import Pattern, build_pruner
-from sds_cli.redense import RedenseConfig, sds_model, snapshot
+from sds_cli.paths import CONF
+from sds_cli.pruners.base import build_pruner
+from sds_cli.sparsity import Pattern
+from sds_cli.stages.oneshot import prune_model
+from sds_cli.stages.redense.stage import RedenseConfig, sds_model, snapshot
 
 PAPER = "soft"
 VARIANTS = {  # redense overrides on top of conf/redense/sds.yaml
@@ -71,35 +74,35 @@ def main() -> None:
     out = {"config": OmegaConf.to_container(cfg, resolve=True), "variants": VARIANTS, "paper": PAPER,
            "rule": "lowest validation perplexity", "seconds": {}, "validation": {}, "test": {}}
     out["validation"]["dense"], out["test"]["dense"] = val("dense")["ppl_validation"], test("dense")[f"ppl_{args.test}"]
-    dense = snapshot(lm.model, cfg.layers)
+    dense = snapshot(lm.model, cfg.targets)
     start = time.perf_counter()
-    _, kinds = check_replay(lm.model, calib[:1], cfg.device, 1e-4)
+    _, forms = check_replay(lm.model, calib[:1], cfg.device, 1e-4)
     out["seconds"]["replay_check"] = time.perf_counter() - start
     start = time.perf_counter()
-    stream = capture(lm.model, calib, cfg.engine.batch_size, cfg.device, cfg.engine.offload, kinds)
-    prune_model(lm.model, stream, pruner, pattern, cfg.layers)
+    stream = capture(lm.model, calib, cfg.engine.batch_size, cfg.device, cfg.engine.offload, forms)
+    prune_model(lm.model, stream, pruner, pattern, cfg.targets)
     out["seconds"]["oneshot"] = time.perf_counter() - start
-    oneshot = snapshot(lm.model, cfg.layers)
+    oneshot = snapshot(lm.model, cfg.targets)
     out["validation"]["oneshot"], out["test"]["oneshot"] = (val("oneshot")["ppl_validation"],
                                                             test("oneshot")[f"ppl_{args.test}"])
     print(json.dumps(out["validation"]), flush=True)
     results = {}
     for name in args.variants:
-        restore(lm.model, oneshot, cfg.layers)
+        restore(lm.model, oneshot, cfg.targets)
         redense = RedenseConfig(**(OmegaConf.to_container(cfg.redense) | VARIANTS[name] | {"name": name}))
         start = time.perf_counter()
-        records = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense)
+        records = sds_model(lm.model, stream, dense, pruner, pattern, cfg.targets, redense)
         out["seconds"][name] = time.perf_counter() - start
         out["validation"][name] = val(name)["ppl_validation"]
         out.setdefault("kept_sds", {})[name] = sum(r["kept"] == "sds" for r in records) / len(records)
-        results[name] = snapshot(lm.model, cfg.layers)
+        results[name] = snapshot(lm.model, cfg.targets)
         print(name, out["validation"][name], f"{out['seconds'][name]:.0f} s", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
     out["chosen"] = min(args.variants, key=lambda n: out["validation"][n])
     for name in dict.fromkeys([out["chosen"], PAPER]):
         if name in results:
-            restore(lm.model, results[name], cfg.layers)
+            restore(lm.model, results[name], cfg.targets)
             out["test"][name] = test(name)[f"ppl_{args.test}"]
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("validation", "test", "seconds", "chosen")}, indent=1))

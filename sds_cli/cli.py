@@ -12,11 +12,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.markup import escape
 
-from . import launch  # noqa: F401 - registers the sds.* resolvers used by launcher configs
-from .console import console
-from .pruners import ConfigError
+from sds_cli import launch  # noqa: F401 - registers the sds.* resolvers used by launcher configs
+from sds_cli.console import console
+from sds_cli.errors import ConfigError
+from sds_cli.paths import CONF
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 OOM = "out of memory; try engine.offload=true, a smaller calib.nsamples or calib.seqlen, or dtype=bfloat16"
 RESUME = "; the same command plus resume=true goes on from the last finished block"
 GROUPS = ("model", "calib", "pruner", "redense", "eval", "experiment")
@@ -31,6 +31,8 @@ def check_overrides(argv: list[str]) -> list[str]:
     let ``model=`` take any hub id or local directory: ``model=org/name`` means ``model=hub model.path=...``."""
     out = []
     for arg in argv:
+        if arg.lstrip("+~").startswith("layers="):  # llm-compressor names it targets; layers stays an alias
+            arg = arg.replace("layers=", "targets=", 1)
         group, sep, value = arg.partition("=")
         group = group.lstrip("+~")
         if not sep or group not in GROUPS or value in ("", "null"):
@@ -52,8 +54,8 @@ def check_overrides(argv: list[str]) -> list[str]:
 
 
 def _task(cfg: DictConfig) -> int:
-    from .pipeline import report, resolved, run
-    from .record import Record
+    from sds_cli.pipeline import print_summary, resolved, run
+    from sds_cli.results.record import Record
 
     out = Path(HydraConfig.get().runtime.output_dir)
     record = Record(out / "results.json", resolved(cfg))
@@ -72,7 +74,7 @@ def _task(cfg: DictConfig) -> int:
         (out / "error.log").write_text(traceback.format_exc())
         return _fail(record, f"{type(err).__name__}: {err} (traceback in {out / 'error.log'})")
     record.write("ok")
-    report(record)
+    print_summary(record)
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .pruners.base import ConfigError
+from sds_cli.errors import ConfigError
 
 C4_TRAIN = "en/c4-train.00000-of-01024.json.gz"
 C4_VALID = "en/c4-validation.00000-of-00008.json.gz"

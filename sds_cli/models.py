@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .pruners.base import ConfigError
+from sds_cli.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,7 +103,7 @@ def _load_gguf(cfg, dtype):
 def _load_random(cfg, dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .data import tiny_tokenizer
+    from sds_cli.data import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = AutoConfig.for_model(cfg.family, vocab_size=len(tokenizer), **cfg.arch)
@@ -113,11 +114,18 @@ def _load_random(cfg, dtype):
 LOADERS = {"hub": _load_hub, "gguf": _load_gguf, "random": _load_random}
 
 
+_BLOCKS: weakref.WeakKeyDictionary[nn.Module, nn.ModuleList] = weakref.WeakKeyDictionary()
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: the ModuleList with one entry per hidden layer (OPT, Llama, Qwen2, Mistral...)."""
+    """The decoder blocks: the ModuleList with one entry per hidden layer (OPT, Llama, Qwen2, Mistral...),
+    found by one scan of the model's modules and remembered for it."""
+    if (blocks := _BLOCKS.get(model)) is not None:
+        return blocks
     count = model.config.num_hidden_layers
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
+            _BLOCKS[model] = module
             return module
     raise ConfigError(f"cannot find the {count} decoder blocks of {type(model).__name__}")
 

@@ -2,23 +2,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import baseline, data, export
-from .checkpoint import Checkpoint
-from .console import bar, console, layer_table, summary
-from .engine import capture, check_replay, mask_fingerprints, model_linears
-from .models import DTYPES, decoder_layers, load_model
-from .oneshot import prune_model
-from .perplexity import perplexity, windows
-from .pruners import ConfigError, Pattern, build_pruner
-from .record import Record
-from .redense import RedenseConfig, sds_model, snapshot
-from .tyr import TyrConfig
+from sds_cli import data
+from sds_cli.console import bar, console, layer_table, summary
+from sds_cli.engine.replay import check_replay
+from sds_cli.engine.stream import Stream, capture
+from sds_cli.engine.walk import mask_fingerprints, model_linears
+from sds_cli.errors import ConfigError
+from sds_cli.eval.evaluator import Evaluator
+from sds_cli.models import DTYPES, LoadedModel, decoder_layers, load_model
+from sds_cli.pruners.base import Pruner, build_pruner
+from sds_cli.results import dense_cache, export
+from sds_cli.results.checkpoint import Checkpoint
+from sds_cli.results.record import Record
+from sds_cli.sparsity import Pattern
+from sds_cli.stages.oneshot import prune_model
+from sds_cli.stages.redense.stage import RedenseConfig, sds_model, snapshot
+from sds_cli.stages.tyr.search import TyrConfig
 
-EVAL_MAX_WINDOWS = {"c4": 256}  # SparseGPT's C4 protocol: the first 256 windows
 # Replay guard: a block-by-block replay of one window differs from the model's forward by rounding only
 # (measured 0 for every tested family in fp32); a wrong mask or rotary embedding gives 1e-2 to 1.
 REPLAY_TOLERANCE = {DTYPES["float32"]: 1e-4, DTYPES["bfloat16"]: 2e-2, DTYPES["float16"]: 5e-3}
@@ -36,55 +42,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
-class Evaluator:
-    """Evaluates the model of each stage on the configured texts (tokenized once) and tasks."""
-
-    def __init__(self, cfg: DictConfig, lm, device: str):
-        self.cfg, self.lm, self.device = cfg.eval, lm, device
-        self.root = cfg.data.root
-        for name in self.cfg.datasets:
-            if name not in data.EVAL_CHOICES:
-                raise ConfigError(f"unknown eval dataset '{name}'; choose one of: {', '.join(data.EVAL_CHOICES)}")
-        self.texts = {name: self.windows(cfg, lm.tokenizer, name) for name in self.cfg.datasets}
-
-    def windows(self, cfg: DictConfig, tokenizer, name: str) -> torch.Tensor:
-        limit = self.cfg.max_windows or EVAL_MAX_WINDOWS.get(name)
-        if name == "validation":
-            return data.validation_windows(tokenizer, cfg.calib, cfg.seed, self.root, self.cfg.seqlen, limit)
-        return windows(data.eval_tokens(tokenizer, name, self.root, self.cfg.path), self.cfg.seqlen, limit)
-
-    def __call__(self, stage: str) -> dict:
-        model = self.lm.model.to(self.device)
-        results = {}
-        for name, batches in self.texts.items():
-            with bar(f"{stage}: {name} perplexity", len(batches)) as advance:
-                results[f"ppl_{name}"], results[f"tokens_{name}"] = perplexity(
-                    model, batches, self.device, self.cfg.batch_size, advance)
-        if self.cfg.zeroshot.tasks:
-            from .zeroshot import zeroshot
-
-            zs = self.cfg.zeroshot
-            with bar(f"{stage}: zero-shot", len(zs.tasks)) as advance:
-                scores = zeroshot(model, self.lm.tokenizer, list(zs.tasks), data_root=self.root,
-                                  batch_size=zs.batch_size, limit=zs.limit, num_fewshot=zs.num_fewshot,
-                                  device=self.device, progress=advance)
-            results |= {"zeroshot": scores["tasks"], "mean_acc": scores["mean_acc"]}
-        model.to("cpu")
-        return results
-
-
 def dense_baseline(cfg: DictConfig, record: Record, evaluate: Evaluator) -> None:
     """Evaluate the dense model once per (model, eval settings), and warn loudly where its perplexity
     is off the published one: a library upgrade that breaks a model family shows up here first."""
-    key = baseline.key(record.config)
-    cached = baseline.load(key)
+    key = dense_cache.key(record.config)
+    cached = dense_cache.load(key)
     with record.stage("dense_eval"):
         record.metrics["dense"] = cached or evaluate("dense")
     if cached is None:
-        baseline.store(key, record.metrics["dense"])
+        dense_cache.store(key, record.metrics["dense"])
     record.extra["dense_cache"] = {"key": key, "hit": cached is not None}
     ppl = record.metrics["dense"].get("ppl_wikitext2")
-    if ppl and not cfg.eval.max_windows and (warning := baseline.check_published(cfg.model.name, cfg.eval.seqlen, ppl)):
+    if ppl and not cfg.eval.max_windows and (warning := dense_cache.check_published(cfg.model.name, cfg.eval.seqlen, ppl)):
         console.print(f"[bold yellow]{warning}[/]", soft_wrap=True)  # the warning says WARNING itself
         record.extra["warnings"] = [warning]
 
@@ -98,7 +67,66 @@ def check_integers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be a non-negative integer")
 
 
-def run(cfg: DictConfig, record: Record) -> None:
+@dataclass
+class Run:
+    """What every stage of one run shares: the parsed knobs, the model, its calibration windows and the
+    stream entering the first block, the evaluator, and the record being written."""
+
+    cfg: DictConfig
+    record: Record
+    lm: LoadedModel
+    device: str
+    pattern: Pattern
+    evaluate: Evaluator
+    checkpoint: Checkpoint
+    calib: torch.Tensor | None = None
+    forms: list[int] | None = None
+    stream: Stream | None = None
+    dense: dict | None = None
+
+    def bar(self, title: str):
+        return bar(title, len(decoder_layers(self.lm.model)))
+
+    def evaluate_stage(self, stage: str) -> None:
+        with self.record.stage(f"{stage}_eval"):
+            self.record.metrics[stage] = self.checkpoint.metrics(stage) or self.evaluate(stage)
+        self.checkpoint.put_metrics(stage, self.record.metrics[stage])
+
+    def fingerprint(self, stage: str) -> None:
+        self.record.extra.setdefault("mask_sha1", {})[stage] = mask_fingerprints(self.lm.model, self.cfg.targets)
+
+    def save(self, name: str) -> None:
+        """The pruned model with its tokenizer, inside the run dir, in the ``save.format`` (see export.py)."""
+        out = self.record.path.parent / name
+        export.FORMATS[self.cfg.save.format](self.lm, out, self.cfg.targets)
+        self.record.extra.setdefault("saved", {})[name] = str(out)
+        self.record.extra.setdefault("saved_bytes", {})[name] = export.disk_bytes(out)
+        self.record.extra["saved_format"] = self.cfg.save.format
+
+
+def method(cfg: DictConfig) -> str:
+    """Which sequence of stages the config asks for (a key of ``METHODS``)."""
+    if cfg.pruner.name == "none":
+        return "dense"
+    if cfg.pruner.name == "tyr":
+        return "tyr"
+    return "oneshot" if cfg.redense.name == "none" else "sds"
+
+
+def run(cfg: DictConfig, record: Record) -> Run:
+    """Set up, evaluate the dense model, then run the method's stages in order."""
+    name = method(cfg)
+    setup = prepare(cfg, record, name)
+    if cfg.eval.dense:
+        dense_baseline(cfg, record, setup.evaluate)
+    for stage in METHODS[name]:
+        stage(setup)
+    setup.checkpoint.clear()
+    return setup
+
+
+def prepare(cfg: DictConfig, record: Record, name: str) -> Run:
+    """Check every knob, load the model and the texts; nothing is pruned yet."""
     check_integers(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:  # GPU kernels without run-to-run variation (slower); CPU runs are identical anyway
@@ -107,56 +135,96 @@ def run(cfg: DictConfig, record: Record) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     device = resolve_device(cfg.device)
     pattern = Pattern.parse(cfg.sparsity)
-    pruning = cfg.pruner.name != "none"
-    structured = structured_config(cfg, pattern)
-    pruner = build_pruner(**cfg.pruner) if pruning and not structured else None
-    redense = RedenseConfig(**cfg.redense) if pruner and cfg.redense.name != "none" else None
+    if name == "tyr":
+        check_structured(cfg, pattern)
+    else:  # a bad pruner or redense knob stops the run before the model loads
+        unstructured(cfg)
     checkpoint, resumed = Checkpoint.resume(record.path.parent, record.config, cfg.resume)
     if resumed:
         record.extra["resumed_from"] = str(resumed)
     export.check_format(cfg.save)
     lm = load_model(cfg.model, cfg.dtype)
-    check_model(lm, cfg, pattern if pruning else None)
-    evaluate = Evaluator(cfg, lm, device)
-    calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
-                                     cfg.seed, cfg.data.root, cfg.calib.path) if pruning else None
-    blocks = len(decoder_layers(lm.model))
+    check_model(lm, cfg, pattern if name != "dense" else None)
+    setup = Run(cfg, record, lm, device, pattern, Evaluator(cfg, lm, device), checkpoint)
+    if name != "dense":
+        setup.calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                               cfg.seed, cfg.data.root, cfg.calib.path)
+    return setup
 
-    if cfg.eval.dense:
-        dense_baseline(cfg, record, evaluate)
-    if structured:
-        kinds = replay_guard(lm.model, calib, device, cfg, record) if cfg.engine.check_replay else None
-        structured_stage(cfg, lm, calib, structured, pattern, kinds, device, record)
-        evaluate_stage(record, evaluate, checkpoint, "oneshot")
-        if cfg.save.final:
-            save(lm, record, "model", cfg)
-    elif pruning:
-        kinds = replay_guard(lm.model, calib, device, cfg, record) if cfg.engine.check_replay else None
-        dense = snapshot(lm.model, cfg.layers) if redense else None
-        with record.stage("oneshot"), bar(f"1 sparse: {cfg.pruner.name} {pattern}", blocks) as advance:
-            stream = capture(lm.model, calib, cfg.engine.batch_size, device, cfg.engine.offload, kinds)
-            record.layers["oneshot"] = prune_model(lm.model, stream, pruner, pattern, cfg.layers,
-                                                   lambda i: advance(), checkpoint.stage("oneshot"))
-        evaluate_stage(record, evaluate, checkpoint, "oneshot")
-        record.extra["mask_sha1"] = {"oneshot": mask_fingerprints(lm.model, cfg.layers)}
-        if cfg.save.oneshot or (cfg.save.final and not redense):
-            save(lm, record, "model_oneshot" if redense else "model", cfg)
+
+def unstructured(cfg: DictConfig) -> tuple[Pruner | None, RedenseConfig | None]:
+    """The one-shot pruner and the SDS config of an unstructured run (None where the config has none)."""
+    pruner = build_pruner(**cfg.pruner) if cfg.pruner.name != "none" else None
+    redense = RedenseConfig(**cfg.redense) if pruner and cfg.redense.name != "none" else None
+    return pruner, redense
+
+
+def replay_guard(run: Run) -> None:
+    """Before any pruning: the first calibration window replayed block by block must match the model's
+    own forward, or the run stops naming the first block that differs (``engine.check_replay``)."""
+    if not run.cfg.engine.check_replay:
+        return
+    model = run.lm.model
+    tolerance = REPLAY_TOLERANCE[next(model.parameters()).dtype]
+    with run.record.stage("replay_check"):
+        diffs, run.forms = check_replay(model, run.calib[:1], run.device, tolerance)
+    run.record.extra["replay_check"] = {"max_rel_diff": max(diffs), "tolerance": tolerance, "blocks": len(diffs)}
+
+
+def oneshot_stage(run: Run) -> None:
+    """Stage 1: every targeted linear pruned by the configured pruner, evaluated and fingerprinted."""
+    cfg = run.cfg
+    pruner, redense = unstructured(cfg)
     if redense:
-        with record.stage("sds"), bar("2-3 dense, sparse: SDS", blocks) as advance:
-            record.layers["sds"] = sds_model(lm.model, stream, dense, pruner, pattern, cfg.layers, redense,
-                                             lambda i: advance(), checkpoint.stage("sds"))
-        evaluate_stage(record, evaluate, checkpoint, "sds")
-        record.extra["mask_sha1"]["sds"] = mask_fingerprints(lm.model, cfg.layers)
-        if cfg.save.final:
-            save(lm, record, "model", cfg)
-    checkpoint.clear()
+        run.dense = snapshot(run.lm.model, cfg.targets)  # the target W_dense of the SDS stage
+    with run.record.stage("oneshot"), run.bar(f"1 sparse: {cfg.pruner.name} {run.pattern}") as advance:
+        run.stream = capture(run.lm.model, run.calib, cfg.engine.batch_size, run.device, cfg.engine.offload, run.forms)
+        run.record.layers["oneshot"] = prune_model(run.lm.model, run.stream, pruner, run.pattern, cfg.targets,
+                                                   lambda i: advance(), run.checkpoint.stage("oneshot"))
+    run.evaluate_stage("oneshot")
+    run.fingerprint("oneshot")
+    if cfg.save.oneshot or (cfg.save.final and not redense):
+        run.save("model_oneshot" if redense else "model")
 
 
-def structured_config(cfg: DictConfig, pattern: Pattern) -> TyrConfig | None:
-    """Týr's config, or None for the unstructured pruners; Týr removes whole heads and channels, so it
-    takes a plain fraction and never re-densifies."""
-    if cfg.pruner.name != "tyr":
-        return None
+def sds_stage(run: Run) -> None:
+    """Stages 2 and 3: re-dense and re-prune from the one-shot model, evaluated and fingerprinted."""
+    cfg = run.cfg
+    pruner, redense = unstructured(cfg)
+    with run.record.stage("sds"), run.bar("2-3 dense, sparse: SDS") as advance:
+        run.record.layers["sds"] = sds_model(run.lm.model, run.stream, run.dense, pruner, run.pattern, cfg.targets,
+                                             redense, lambda i: advance(), run.checkpoint.stage("sds"))
+    run.evaluate_stage("sds")
+    run.fingerprint("sds")
+    if cfg.save.final:
+        run.save("model")
+
+
+def tyr_stage(run: Run) -> None:
+    """Týr: supernet, search, and the physically smaller model (recorded as the ``oneshot`` stage)."""
+    from sds_cli.stages.tyr.search import prune
+
+    cfg = run.cfg
+    with run.record.stage("oneshot"):
+        out = prune(run.lm.model, run.calib, run.pattern.sparsity, TyrConfig(**cfg.pruner), run.device, cfg.seed,
+                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
+    run.record.layers["tyr"] = out["layers"]
+    run.record.extra["tyr"] = out["extra"]
+    run.evaluate_stage("oneshot")
+    if cfg.save.final:
+        run.save("model")
+
+
+METHODS: dict[str, list[Callable[[Run], None]]] = {
+    "dense": [],
+    "oneshot": [replay_guard, oneshot_stage],
+    "sds": [replay_guard, oneshot_stage, sds_stage],
+    "tyr": [replay_guard, tyr_stage],
+}
+
+
+def check_structured(cfg: DictConfig, pattern: Pattern) -> None:
+    """Týr removes whole heads and channels: it takes a plain fraction and never re-densifies."""
     if pattern.nm:
         raise ConfigError(f"pruner=tyr removes whole heads and channels: sparsity is a fraction of block "
                           f"parameters (e.g. 0.25, 0.5), not {pattern}")
@@ -166,29 +234,7 @@ def structured_config(cfg: DictConfig, pattern: Pattern) -> TyrConfig | None:
     if cfg.save.format != "safetensors":
         raise ConfigError(f"pruner=tyr yields a smaller dense model; save.format={cfg.save.format} is for sparse "
                           "weights (use save.format=safetensors)")
-    return TyrConfig(**cfg.pruner)
-
-
-def structured_stage(cfg: DictConfig, lm, calib: torch.Tensor, tyr_cfg: TyrConfig, pattern: Pattern, kinds,
-                     device: str, record: Record) -> None:
-    """Týr: supernet, search, and the physically smaller model (recorded as the ``oneshot`` stage)."""
-    from .tyr import prune
-
-    with record.stage("oneshot"):
-        out = prune(lm.model, calib, pattern.sparsity, tyr_cfg, device, cfg.seed,
-                    cfg.engine.batch_size, cfg.engine.offload, kinds, bar)
-    record.layers["tyr"] = out["layers"]
-    record.extra["tyr"] = out["extra"]
-
-
-def replay_guard(model, calib: torch.Tensor, device: str, cfg: DictConfig, record: Record) -> list[int]:
-    """Before any pruning: the first calibration window replayed block by block must match the model's
-    own forward, or the run stops naming the first block that differs (``engine.check_replay``)."""
-    tolerance = REPLAY_TOLERANCE[next(model.parameters()).dtype]
-    with record.stage("replay_check"):
-        diffs, kinds = check_replay(model, calib[:1], device, tolerance)
-    record.extra["replay_check"] = {"max_rel_diff": max(diffs), "tolerance": tolerance, "blocks": len(diffs)}
-    return kinds
+    TyrConfig(**cfg.pruner)
 
 
 def check_model(lm, cfg: DictConfig, pattern: Pattern | None) -> None:
@@ -202,25 +248,10 @@ def check_model(lm, cfg: DictConfig, pattern: Pattern | None) -> None:
             raise ConfigError(f"model {lm.name} has NaN or Inf weights in {name}; the checkpoint is damaged")
     if pattern is None or not pattern.nm:
         return
-    for i, name, linear in model_linears(lm.model, cfg.layers):
+    for i, name, linear in model_linears(lm.model, cfg.targets):
         if linear.in_features % pattern.m:
             raise ConfigError(f"sparsity {pattern}: block {i} {name} has input width {linear.in_features}, "
-                              f"not divisible by M={pattern.m}; choose another M or exclude it with layers=")
-
-
-def evaluate_stage(record: Record, evaluate: Evaluator, checkpoint: Checkpoint, stage: str) -> None:
-    with record.stage(f"{stage}_eval"):
-        record.metrics[stage] = checkpoint.metrics(stage) or evaluate(stage)
-    checkpoint.put_metrics(stage, record.metrics[stage])
-
-
-def save(lm, record: Record, name: str, cfg: DictConfig) -> None:
-    """The pruned model with its tokenizer, inside the run dir, in the ``save.format`` (see export.py)."""
-    out = record.path.parent / name
-    export.FORMATS[cfg.save.format](lm, out, cfg.layers)
-    record.extra.setdefault("saved", {})[name] = str(out)
-    record.extra.setdefault("saved_bytes", {})[name] = export.disk_bytes(out)
-    record.extra["saved_format"] = cfg.save.format
+                              f"not divisible by M={pattern.m}; choose another M or exclude it with targets=")
 
 
 def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
@@ -238,7 +269,7 @@ def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
     return out
 
 
-def report(record: Record) -> None:
+def print_summary(record: Record) -> None:
     """The closing console summary: per-layer means over blocks, then the stage metrics."""
     for stage, rows in record.layers.items():
         if stage == "tyr":

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import baseline
+from sds_cli.results import dense_cache as baseline
 
 STAGES = {"dense": "dense", "oneshot": "one-shot", "sds": "SDS"}
 # What a stage's published number is looked up by, beyond model, metric and seqlen (None: nothing to look up).
@@ -81,7 +81,7 @@ def benches(run_dir: Path, redense: str) -> dict[str, dict]:
     return found
 
 
-def collect(paths: list[Path]) -> list[Run]:
+def load_runs(paths: list[Path]) -> list[Run]:
     """Every results.json under `paths` (or a results.json given itself); an unreadable one is a failed run."""
     runs, seen = [], set()
     for root in paths:
@@ -164,7 +164,7 @@ def _quantity(prefix: str, key: str, sign: int, fmt: str, scale: float = 1.0) ->
         (f"{prefix}SDS gain", fmt, gain)]
 
 
-def build(runs: list[Run], metric: str, paper: bool = False) -> Table:
+def build_table(runs: list[Run], metric: str, paper: bool = False) -> Table:
     """One row per run, sorted by model size, sparsity, pruner and re-dense variant."""
     runs = sorted(runs, key=_order)
     sources: dict[str, None] = {}
@@ -386,14 +386,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", help="perplexity key of results.json (default: ppl_wikitext2, else the first ppl_*)")
     try:
         args = parser.parse_args(argv)
-        runs = collect(args.paths)
+        runs = load_runs(args.paths)
         metric = pick_metric(runs, args.metric)
         out = args.out or (args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent)
         out.mkdir(parents=True, exist_ok=True)
     except (ReportError, OSError) as err:
         print(f"sds-report: error: {err}", file=sys.stderr)
         sys.exit(2)
-    table = build(runs, metric, args.paper)
+    table = build_table(runs, metric, args.paper)
     print_table(table)
     for name, write in WRITERS.items():
         write(table, out / name)

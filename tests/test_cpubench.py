@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import model_cfg
 
-from sds_cli import cpubench
-from sds_cli.bench import is_two_four, main
-from sds_cli.cpubench import Subject, densified, export, masked
+from sds_cli.bench import cpu as cpubench
+from sds_cli.bench.cli import main
+from sds_cli.bench.cpu import Subject, densified, export, masked
 from sds_cli.models import load_model
-from sds_cli.pruners.base import Pattern
+from sds_cli.sparsity import Pattern, is_two_four
 
 ATOL = 1e-4  # fp32 logits of a 2-layer model: graph vs eager differ by about 2e-7
 FIELDS = {"prefill_32_ms", "prefill_8_ms", "decode_ms", "decode_tokens_per_s"}

@@ -4,12 +4,15 @@ import torch
 from conftest import HAS_SMOLLM2, TINY, model_cfg, run_cli
 
 from sds_cli import data
-from sds_cli.engine import capture, collect, input_groups, mask_fingerprints, selected_linears
+from sds_cli.engine.stats import collect, input_groups, relative_error
+from sds_cli.engine.stream import capture
+from sds_cli.engine.walk import mask_fingerprints, selected_linears
+from sds_cli.eval.perplexity import perplexity, windows
 from sds_cli.models import decoder_layers, load_model
-from sds_cli.oneshot import prune_model, relative_error
-from sds_cli.perplexity import perplexity, windows
-from sds_cli.pruners import Pattern, build_pruner
-from sds_cli.redense import RedenseConfig, sds_layer, sds_model, snapshot
+from sds_cli.pruners.base import build_pruner
+from sds_cli.sparsity import Pattern
+from sds_cli.stages.oneshot import prune_model
+from sds_cli.stages.redense.stage import RedenseConfig, sds_layer, sds_model, snapshot
 
 
 def tiny(name="tiny-llama", dtype="float32"):
@@ -98,7 +101,7 @@ def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity, sequential):
     dense = snapshot(lm.model, ".*")
     prune_model(lm.model, stream, pruner, pattern, ".*")
     records = sds_model(lm.model, stream, dense, pruner, pattern, ".*",
-                        RedenseConfig(iters=50, adjust_iters=50, sequential=sequential))
+                        RedenseConfig.preset(iters=50, adjust_iters=50, sequential=sequential))
     assert not any("forward" in vars(m) for m in lm.model.modules())  # every replay is gone after the stage
     assert all(r["error_redense"] < r["error_oneshot"] for r in records)  # re-dense beats the sparse layer
     assert all(r["error_final"] <= r["error_oneshot"] for r in records)  # early exit never makes a layer worse
@@ -118,7 +121,7 @@ def test_sequential_sds_feeds_each_group_the_weights_before_it():
         dense = snapshot(lm.model, ".*")
         prune_model(lm.model, stream, pruner, pattern, ".*")
         runs.append({r["layer"]: r for r in sds_model(lm.model, stream, dense, pruner, pattern, ".*",
-                                                      RedenseConfig(sequential=sequential)) if r["block"] == 0})
+                                                      RedenseConfig.preset(sequential=sequential)) if r["block"] == 0})
     plain, sequential = runs
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         assert plain[name]["error_final"] == pytest.approx(sequential[name]["error_final"], rel=1e-5)
@@ -130,7 +133,7 @@ def test_frozen_submodules_replay_their_outputs_exactly():
     """Once q/k/v/o are final, the attention's outputs are recorded on one pass and replayed on the next:
     the MLP statistics and the block's outputs equal a fresh forward's, changing a finished linear no longer
     reaches them while frozen (so the replay is what runs), and ``restore`` brings the forwards back."""
-    from sds_cli.engine import Frozen
+    from sds_cli.engine.stats import Frozen
 
     lm, stream = tiny()
     block = decoder_layers(lm.model)[0]
@@ -155,7 +158,7 @@ def test_frozen_linears_replay_their_outputs_exactly():
     """With ``linears``, a finished linear replays its own outputs: once q/k/v are final, o_proj's
     statistics equal a fresh forward's on the recording and the replaying pass, and a change to q_proj no
     longer reaches them until ``restore``; the attention, whose o_proj is not final, is not frozen."""
-    from sds_cli.engine import Frozen
+    from sds_cli.engine.stats import Frozen
 
     lm, stream = tiny()
     block = decoder_layers(lm.model)[0]
@@ -182,7 +185,7 @@ def synthetic_layer(seed=0):
     x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g) * torch.logspace(0, 1, 64)
     w = torch.randn(32, 64, generator=g)
     gram = x.T @ x / len(x)
-    from sds_cli.pruners import LayerStats
+    from sds_cli.engine.stats import LayerStats
 
     return w, LayerStats(gram=gram, tokens=len(x), cross=gram, ref_gram=gram)
 
@@ -192,11 +195,11 @@ def test_early_exit_keeps_the_better_of_the_two():
     pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
     w1, _ = pruner(w, stats, pattern)
     harmful = {"iters": 20, "adjust": "none", "lr": 50.0, "optimizer": "gd"}  # a diverging step: SDS gets worse
-    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful))
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(**harmful))
     assert info["error_sds"] > info["error_oneshot"] and info["kept"] == "oneshot" and torch.equal(kept, w1)
-    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(**harmful, early_exit=False))
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(**harmful, early_exit=False))
     assert info["kept"] == "sds" and info["error_final"] == info["error_sds"] > info["error_oneshot"]
-    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig(iters=100, adjust_iters=100))
+    kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(iters=100, adjust_iters=100))
     assert info["kept"] == "sds" and info["error_final"] < info["error_oneshot"]
     assert info["error_final"] == pytest.approx(relative_error(w, kept, stats.gram), rel=1e-4)
 
@@ -257,7 +260,7 @@ def test_saved_model_reloads_with_plain_transformers(tmp_path):
 def test_real_slice_sds_beats_the_oneshot_perplexity(tmp_path, data_root):
     """SmolLM2 with its attention linears Wanda-pruned 2:4 on 8 x 128 real calibration tokens: SDS must
     bring WikiText-2 perplexity (4 x 256 test tokens) back towards the dense model. The whole model under
-    the full protocol is a GPU run (README); on two CPU cores this slice keeps the test near a minute."""
+    the full protocol is a GPU run (docs/results.md); on two CPU cores this slice keeps the test near a minute."""
     _, results = run_cli(tmp_path, "model=smollm2-135m", "pruner=wanda", "sparsity=2:4", "layers=self_attn",
                          "calib=wikitext2-valid", "calib.nsamples=8", "calib.seqlen=128", f"data.root={data_root}",
                          "eval.datasets=[wikitext2]", "eval.seqlen=256", "eval.max_windows=4", "redense.iters=10",
@@ -272,15 +275,16 @@ def test_real_slice_sds_beats_the_oneshot_perplexity(tmp_path, data_root):
 def test_closed_form_redense_equals_the_reference_iteration(smollm2_block0, optimizer, l2):
     """Re-dense of a real SmolLM2 down_proj (input width 1536) from its Wanda 2:4 weights: the closed form
     lands where 200 reference iterations land (objective within 1e-4 relative, weights within 1e-3)."""
-    from sds_cli.redense import _layer_objective, minimize
+    from sds_cli.stages.redense.solvers import Descent, minimize
+    from sds_cli.stages.redense.stage import _layer_objective
 
     block, stats = smollm2_block0
     dense = dict(block.named_modules())["mlp.down_proj"].weight.detach().float()
     w1, _ = build_pruner("wanda")(dense, stats["mlp.down_proj"], Pattern.parse("2:4"))
-    cfg = RedenseConfig(optimizer=optimizer, l2=l2)
+    cfg = RedenseConfig.preset(optimizer=optimizer, l2=l2)
     obj = _layer_objective(stats["mlp.down_proj"], dense, cfg)
-    closed = minimize(obj, w1, cfg, 200)
-    iterated = minimize(obj, w1, RedenseConfig(optimizer=optimizer, l2=l2, solver="iterate"), 200)
+    closed = minimize(obj, w1, cfg.descent, 200)
+    iterated = minimize(obj, w1, Descent(optimizer, 1.0, "iterate"), 200)
     assert obj.error(closed) < 0.5 * obj.error(w1)  # it moved: the test compares two real descents
     assert obj.error(closed) == pytest.approx(obj.error(iterated), rel=1e-4, abs=1e-7)
     assert (closed - iterated).norm() <= 1e-3 * dense.norm()
@@ -290,14 +294,14 @@ def test_closed_form_redense_equals_the_reference_iteration(smollm2_block0, opti
 def test_refit_is_where_the_fixed_mask_iteration_converges(sparsity):
     """``adjust: refit`` solves the kept weights exactly: no worse than 500 projected iterations on the
     same mask, with the mask untouched."""
-    from sds_cli.redense import Objective, minimize, refit
+    from sds_cli.stages.redense.solvers import Descent, Objective, minimize, refit
 
     w, stats = synthetic_layer()
     pattern = Pattern.parse(sparsity)
     pruned, mask = build_pruner("sparsegpt")(w, stats, pattern)
     obj = Objective(w, stats.gram, stats.gram, stats.gram)
     solved = refit(obj, ~mask)
-    iterated = minimize(obj, pruned, RedenseConfig(), 500, lambda x: x * ~mask)
+    iterated = minimize(obj, pruned, Descent("fista", 1.0, "iterate"), 500, lambda x: x * ~mask)
     assert torch.equal(solved == 0, mask)
     assert obj.error(solved) <= obj.error(iterated) * (1 + 1e-4) < obj.error(pruned)
 
@@ -308,8 +312,8 @@ def test_admm_adjust_beats_projected_descent_on_a_real_layer(smollm2_block0, spa
     """``adjust: admm`` keeps the pattern exactly and, at 30 iterations, ends below both its SparseGPT start
     and 50 ``soft`` steps from it on a real SmolLM2 q_proj (at 50% on these 1,024 tokens the soft steps
     even end above their start): the exact W-step preconditions what projected descent does not."""
-    from sds_cli.pruners.base import mask_from_scores
-    from sds_cli.redense import Objective, admm, minimize
+    from sds_cli.sparsity import mask_from_scores
+    from sds_cli.stages.redense.solvers import Descent, Objective, admm, minimize
 
     block, stats = smollm2_block0
     dense = dict(block.named_modules())["self_attn.q_proj"].weight.detach().float()
@@ -317,7 +321,7 @@ def test_admm_adjust_beats_projected_descent_on_a_real_layer(smollm2_block0, spa
     pruned, _ = build_pruner("sparsegpt")(dense, stats["self_attn.q_proj"], pattern)
     obj = Objective(dense, gram, gram, gram)
     solved = admm(obj, pruned, pattern, 30, 0.1, 1.3)
-    soft = minimize(obj, pruned, RedenseConfig(), 50, lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
+    soft = minimize(obj, pruned, Descent("fista", 1.0, "iterate"), 50, lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
     assert_exact(solved, pattern)
     assert obj.error(solved) < min(obj.error(soft), obj.error(pruned))
 
@@ -328,7 +332,7 @@ def test_dense_outputs_objective_matches_explicit_inputs():
     equal ||W_d X_ref - W X||^2 / ||W_d X_ref||^2 computed from the captured inputs themselves."""
     import copy
 
-    from sds_cli.redense import Objective
+    from sds_cli.stages.redense.solvers import Objective
 
     lm, stream = tiny()
     dense_blocks = copy.deepcopy(decoder_layers(lm.model))

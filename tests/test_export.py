@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import TINY, model_cfg
 
-from sds_cli import export
-from sds_cli.engine import model_linears
+from sds_cli.engine.walk import model_linears
+from sds_cli.errors import ConfigError
+from sds_cli.eval.perplexity import perplexity
 from sds_cli.models import load_model
-from sds_cli.perplexity import perplexity
-from sds_cli.pruners import ConfigError, Pattern
-from sds_cli.pruners.base import mask_from_scores
+from sds_cli.results import export
+from sds_cli.sparsity import Pattern, mask_from_scores
 
 
 def pruned(sparsity: str, layers: str = ".*", tied: bool = False):

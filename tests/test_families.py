@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sds_cli import engine
-from sds_cli.engine import ReplayMismatch, _reference_outputs, capture, check_replay, replay
+from sds_cli.engine import replay as replay_module
+from sds_cli.engine.replay import ReplayMismatch, check_replay, replay
+from sds_cli.engine.stream import capture, reference_outputs
 
 TOLERANCE = 1e-5  # fp32; the replay runs the same kernels on the same inputs, measured 0 or ~1e-7
 SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -52,7 +53,7 @@ def test_block_zeros_inputs_would_be_caught(family):
     model = tiny(family)
     stream = capture(model, windows(1), 1, "cpu", False)
     stream.kwargs = [stream.kwargs[0]] * len(stream.kwargs)
-    assert replay(model, stream, _reference_outputs(model, windows(1), "cpu"))[-1] > 1e-3
+    assert replay(model, stream, reference_outputs(model, windows(1), "cpu"))[-1] > 1e-3
 
 
 def test_equal_keyword_tensors_are_stored_once():
@@ -67,14 +68,14 @@ def test_equal_keyword_tensors_are_stored_once():
 
 
 def test_a_replay_that_differs_is_refused(monkeypatch):
-    reference = engine._reference_outputs
+    reference = replay_module.reference_outputs
 
     def drifted(model, window, device):
         outputs = reference(model, window, device)
         outputs[2] = outputs[2] * 1.01
         return outputs
 
-    monkeypatch.setattr(engine, "_reference_outputs", drifted)
+    monkeypatch.setattr(replay_module, "reference_outputs", drifted)
     with pytest.raises(ReplayMismatch, match="block 2 .* differs"):
         check_replay(tiny("llama"), windows(1), "cpu", TOLERANCE)
 

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 
 from sds_cli import data
 from sds_cli.cli import check_overrides
+from sds_cli.errors import ConfigError
+from sds_cli.eval.perplexity import perplexity, windows
 from sds_cli.models import block_linears, decoder_layers, load_model
-from sds_cli.perplexity import perplexity, windows
-from sds_cli.pruners import ConfigError
 
 
 def compose_cfg(*overrides):

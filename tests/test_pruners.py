@@ -4,7 +4,10 @@ import logging
 import pytest
 import torch
 
-from sds_cli.pruners import PRUNERS, ConfigError, LayerStats, Pattern, build_pruner
+from sds_cli.engine.stats import LayerStats
+from sds_cli.errors import ConfigError
+from sds_cli.pruners.base import PRUNERS, build_pruner
+from sds_cli.sparsity import Pattern
 
 PATTERNS = ["0.5", "0.3", "2:4", "4:8", "1:4"]
 

@@ -7,10 +7,11 @@ import torch
 from conftest import HAS_SMOLLM2, ROOT, TINY, model_cfg, run_cli
 
 from sds_cli import data
-from sds_cli.bench import apply_magnitude_two_four, is_two_four, two_four_linears
-from sds_cli.engine import mask_fingerprints
+from sds_cli.bench.gpu import apply_magnitude_two_four, two_four_linears
+from sds_cli.engine.walk import mask_fingerprints
+from sds_cli.eval.perplexity import perplexity, windows
 from sds_cli.models import load_model
-from sds_cli.perplexity import perplexity, windows
+from sds_cli.sparsity import is_two_four
 
 RUN = ["model=tiny-llama", "pruner=sparsegpt", "sparsity=2:4", "redense.iters=20", "redense.adjust_iters=20", *TINY]
 
@@ -46,8 +47,8 @@ def test_same_config_and_seed_give_identical_results_on_cpu(straight, tmp_path):
     assert other_seed["metrics"]["sds"] != straight[0]["metrics"]["sds"]  # the seed does reach the result
 
 
-@pytest.mark.parametrize("module, function, stop", [("oneshot", "relative_error", "interrupt"),
-                                                    ("redense", "sds_layer", "kill")])
+@pytest.mark.parametrize("module, function, stop", [("stages.oneshot", "relative_error", "interrupt"),
+                                                    ("stages.redense.stage", "sds_layer", "kill")])
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, straight, module, function, stop):
     proc, first = crashed_run(tmp_path / "a", module, function, 10, *RUN, stop=stop)  # call 10 of 14: block 1
     if stop == "interrupt":
@@ -64,7 +65,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, straight, mo
 
 
 def test_resume_refuses_a_different_config(tmp_path, run_main):
-    proc, first = crashed_run(tmp_path / "a", "redense", "sds_layer", 3, *RUN)
+    proc, first = crashed_run(tmp_path / "a", "stages.redense.stage", "sds_layer", 3, *RUN)
     assert proc.returncode == 130
     code, stderr, results = run_main(*RUN, "sparsity=4:8", f"resume={first}")
     assert code == 2 and "different config" in stderr and results["status"] == "failed"
@@ -144,7 +145,7 @@ def test_saved_gguf_sourced_model_reloads_with_the_same_ppl_and_pattern(tmp_path
 
 
 def test_bench_says_plainly_when_there_is_no_gpu():
-    proc = subprocess.run([sys.executable, "-c", "from sds_cli.bench import main; main()", "llama-2-7b"],
+    proc = subprocess.run([sys.executable, "-c", "from sds_cli.bench.cli import main; main()", "llama-2-7b"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the bench itself runs (see BENCHMARKS.md)")

@@ -7,9 +7,9 @@ import torch
 from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sds_cli.pruners.tyr import obs_levels, wanda_levels
-from sds_cli.structure import Kept, geometry, load_pruned, shrink
-from sds_cli.tyr import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
+from sds_cli.stages.tyr.local import obs_levels, wanda_levels
+from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
+from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
 GQA = {"vocab_size": 128, "hidden_size": 96, "intermediate_size": 96, "num_hidden_layers": 3,
        "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 64}
@@ -72,7 +72,7 @@ def test_budget_removes_the_target_fraction_of_block_parameters():
 
 def test_mutations_keep_each_budget_and_stay_on_the_supernet():
     geo = geometry(tiny())
-    cfg = TyrConfig(min_channels=4)
+    cfg = TyrConfig.preset(min_channels=4)
     net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], 3) for k in KINDS}, 0)
     rng, parent = random.Random(0), {k: [0, 0, 0] for k in KINDS}
     children = [c for c in (_mutate(parent, net, rng) for _ in range(200)) if c]
@@ -127,7 +127,7 @@ def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_pat
 
 
 def test_other_families_are_refused_in_one_line():
-    from sds_cli.pruners import ConfigError
+    from sds_cli.errors import ConfigError
 
     opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,

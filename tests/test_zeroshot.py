@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from sds_cli.errors import ConfigError
+from sds_cli.eval.zeroshot import LOCAL_TASKS, TASK_DIR, zeroshot
 from sds_cli.models import cache_root, load_model
-from sds_cli.pruners.base import ConfigError
-from sds_cli.zeroshot import LOCAL_TASKS, TASK_DIR, zeroshot
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -21,7 +21,7 @@ OPTS = {"batch_size": 2, "limit": 3, "num_fewshot": 0, "device": "cpu"}
 
 
 def test_lm_eval_imported_lazily():
-    code = "import sys, sds_cli, sds_cli.zeroshot, sds_cli.pipeline; print(any(m.startswith('lm_eval') for m in sys.modules))"
+    code = "import sys, sds_cli, sds_cli.eval.zeroshot, sds_cli.pipeline; print(any(m.startswith('lm_eval') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 

@@ -1,95 +1,14 @@
 """Sparsity patterns and the pruner registry shared by every pruner."""
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem: reported as one line, never as a traceback."""
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """Unstructured sparsity (fraction of zeros) or N:M (at most ``n`` non-zeros in every ``m``
-    consecutive input weights of a row, the convention of NVIDIA's 2:4 and the Wanda paper)."""
-
-    sparsity: float
-    n: int = 0
-    m: int = 0
-
-    @property
-    def nm(self) -> bool:
-        return self.m > 0
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.nm else f"{self.sparsity:g}"
-
-    @classmethod
-    def parse(cls, value: object) -> Pattern:
-        text = str(value).strip()
-        if match := re.fullmatch(r"(\d+):(\d+)", text):
-            n, m = int(match[1]), int(match[2])
-            if not 0 < n < m:
-                raise ConfigError(f"sparsity '{text}': N:M needs 0 < N < M (e.g. 2:4, 4:8)")
-            return cls(1 - n / m, n, m)
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise ConfigError(
-                f"sparsity '{text}' is neither a fraction in (0, 1) nor N:M (e.g. 0.5, 2:4, 4:8)"
-            ) from None
-        if not 0 < ratio < 1:
-            raise ConfigError(f"sparsity {text} is outside (0, 1); use e.g. 0.5, or N:M like 2:4")
-        return cls(ratio)
-
-
-def mask_from_scores(score: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Boolean mask (True = pruned) that removes the lowest-scoring weights.
-
-    Unstructured patterns compare within each row (score shape ``[rows, cols]``) and prune exactly
-    ``round(cols * sparsity)`` per row; N:M prunes the ``m - n`` lowest of every ``m`` columns."""
-    rows, cols = score.shape
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if pattern.nm:
-        if cols % pattern.m:
-            raise ConfigError(f"N:M {pattern}: input width {cols} is not divisible by M={pattern.m}")
-        groups = score.reshape(rows, cols // pattern.m, pattern.m)
-        idx = torch.topk(groups, pattern.m - pattern.n, dim=-1, largest=False).indices
-        return mask.reshape_as(groups).scatter_(-1, idx, True).reshape(rows, cols)
-    k = round(cols * pattern.sparsity)
-    idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices  # a set: sorting it would double the cost
-    return mask.scatter_(1, idx, True)
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one linear layer's input X (tokens as columns).
-
-    ``gram`` is the mean of x x^T over tokens (fp32); Wanda needs only its diagonal, SparseGPT and the
-    SDS reconstruction need all of it. The SDS stages also pair each token with the dense model's
-    input to the same layer, x_ref: ``cross`` is the mean of x_ref x^T, ``ref_gram`` of x_ref x_ref^T."""
-
-    gram: torch.Tensor
-    tokens: int
-    cross: torch.Tensor | None = None
-    ref_gram: torch.Tensor | None = None
-    _eigh: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def sqnorm(self) -> torch.Tensor:
-        return torch.diagonal(self.gram)
-
-    def eigh(self, which: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigendecomposition of ``gram`` or ``ref_gram``, computed once: linears fed the same input share
-        one LayerStats (``engine.collect``), so q/k/v and gate/up share one decomposition."""
-        if which not in self._eigh:
-            self._eigh[which] = torch.linalg.eigh(getattr(self, which))
-        return self._eigh[which]
+from sds_cli.engine.stats import LayerStats
+from sds_cli.errors import ConfigError
+from sds_cli.sparsity import Pattern
 
 
 class Pruner(Protocol):

@@ -8,7 +8,10 @@ from typing import ClassVar
 
 import torch
 
-from sds_cli.pruners.base import ConfigError, LayerStats, Pattern, register
+from sds_cli.engine.stats import LayerStats
+from sds_cli.errors import ConfigError
+from sds_cli.pruners.base import register
+from sds_cli.sparsity import Pattern
 
 log = logging.getLogger(__name__)
 

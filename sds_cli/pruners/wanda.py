@@ -6,7 +6,9 @@ from typing import ClassVar
 
 import torch
 
-from sds_cli.pruners.base import LayerStats, Pattern, mask_from_scores, register
+from sds_cli.engine.stats import LayerStats
+from sds_cli.pruners.base import register
+from sds_cli.sparsity import Pattern, mask_from_scores
 
 
 @register("wanda")

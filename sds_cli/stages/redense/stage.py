@@ -1,0 +1,198 @@
+"""Stages 2 and 3 of Sparse-Dense-Sparse (Li et al., arXiv 2408.10473), from second moments only.
+
+For a linear with dense weight W_d, the layer-wise distillation loss over calibration tokens is
+
+    L(W) = ||W_d X_ref - W X||^2 = tr(W G W^T) - 2 tr(W_d C W^T) + tr(W_d R W_d^T)
+
+with G = X X^T, C = X_ref X^T, R = X_ref X_ref^T (token means, see ``engine.collect``). So every
+iteration costs one [out, in] x [in, in] product, whatever the number of calibration tokens.
+
+Re-dense (step 2) minimizes L / L_0 + l1 |W|_1 / |W_d|_1 + l2 |W|^2 / |W_d|^2 from the pruned weights
+(L_0 = tr(W_d R W_d^T); the normalisation makes one setting fit every layer). The paper's step 2 uses
+the pruned model's inputs ("SD data") with the target W_d X: ``inputs: sparse, target: dense_weights``.
+Without L1 and L2 its minimizer is W_d itself, so the start point and the iteration count act as the
+regulariser; gd/fista run in closed form (``descend``). Step 3 prunes the re-densified weights with the
+same pruner and adjusts the kept weights towards W_d X: by projected gradient, the mask re-chosen from
+|W| at every iteration (``adjust: soft``, the paper) or kept (``fixed``), solved exactly on the
+second prune's mask (``refit``, where ``fixed`` converges to), or by ADMM with the mask re-chosen at
+every iteration (``admm``, the preconditioned form of ``soft``)."""
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sds_cli.engine.stats import Frozen, LayerStats, collect, input_groups
+from sds_cli.engine.stream import Stream, sync
+from sds_cli.engine.walk import BlockStage, BlockStore, model_linears, selected_linears, walk
+from sds_cli.errors import ConfigError
+from sds_cli.paths import preset
+from sds_cli.pruners.base import Pruner
+from sds_cli.sparsity import Pattern, mask_from_scores
+from sds_cli.stages.redense.solvers import Descent, Objective, admm, minimize, refit
+
+CHOICES = {"inputs": ("sparse", "dense"), "target": ("dense_weights", "dense_outputs"),
+           "optimizer": ("gd", "fista", "adam"), "adjust": ("soft", "admm", "fixed", "refit", "none"),
+           "solver": ("closed", "iterate")}
+
+
+@dataclass
+class RedenseConfig:
+    """A ``conf/redense/*.yaml`` preset: its defaults and their meaning live there, once."""
+
+    name: str
+    inputs: str
+    target: str
+    optimizer: str
+    solver: str
+    iters: int
+    lr: float
+    l1: float
+    l2: float
+    adjust: str
+    adjust_iters: int
+    admm_rho: float
+    admm_growth: float
+    early_exit: bool
+    sequential: bool
+
+    @classmethod
+    def preset(cls, name: str = "sds", **overrides) -> RedenseConfig:
+        return cls(**preset("redense", name) | overrides)
+
+    @property
+    def descent(self) -> Descent:
+        return Descent(self.optimizer, self.lr, self.solver)
+
+    def __post_init__(self):
+        for key, choices in CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"redense.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class SDSRecord:
+    block: int
+    layer: str
+    sparsity: float
+    error_oneshot: float
+    error_redense: float
+    error_reprune: float
+    error_sds: float
+    error_final: float
+    kept: str
+    seconds: float
+
+
+def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig) -> Objective:
+    which = "ref_gram" if cfg.inputs == "dense" else "gram"
+    gram = getattr(stats, which)
+    cross, ref = (gram, gram) if cfg.target == "dense_weights" or cfg.inputs == "dense" else (stats.cross, stats.ref_gram)
+    return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2, eig=functools.partial(stats.eigh, which))
+
+
+def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: Pruner, pattern: Pattern,
+              cfg: RedenseConfig) -> tuple[torch.Tensor, dict]:
+    """Steps 2 and 3 for one linear whose one-shot weights are ``w1``."""
+    obj = _layer_objective(stats, dense, cfg)
+    w2 = minimize(obj, w1, cfg.descent, cfg.iters)
+    gram_stats = LayerStats(gram=obj.gram, tokens=stats.tokens)
+    w3, mask = pruner(w2, gram_stats, pattern)
+    reprune_error = obj.error(w3)
+    adj = obj if cfg.l1 == cfg.l2 == 0 else Objective(dense, obj.gram, obj.cross, obj.ref, eig=obj.eig)
+    if cfg.adjust == "refit":
+        w3 = refit(adj, ~mask)
+    elif cfg.adjust == "admm":
+        w3 = admm(adj, w3, pattern, cfg.adjust_iters, cfg.admm_rho, cfg.admm_growth)
+    elif cfg.adjust != "none":
+        keep = ~mask
+        project = (lambda w: w * keep) if cfg.adjust == "fixed" else (
+            lambda w: w.masked_fill(mask_from_scores(w.abs(), pattern), 0))
+        w3 = minimize(adj, w3, Descent(cfg.optimizer, cfg.lr, "iterate"), cfg.adjust_iters, project)
+    errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
+              "error_sds": obj.error(w3)}
+    kept = "oneshot" if cfg.early_exit and not errors["error_sds"] < errors["error_oneshot"] else "sds"  # NaN too
+    final = w1 if kept == "oneshot" else w3
+    return final, errors | {"error_final": errors[f"error_{kept}"], "kept": kept,
+                            "sparsity": (final == 0).float().mean().item()}
+
+
+@dataclass
+class SDSStage(BlockStage):
+    """Steps 2 and 3 at each block of the one-shot model. ``sequential``: input groups (q/k/v, o, gate/up, down)
+    in forward order, each collected after the groups before it are final, finished submodules replayed
+    (``Frozen``); ``reference``: the dense model's own stream, where the objective needs its inputs."""
+
+    dense: dict[tuple[int, str], torch.Tensor]
+    pruner: Pruner
+    pattern: Pattern
+    targets: str
+    cfg: RedenseConfig
+    reference: Stream | None = None
+    frozen: Frozen | None = None
+
+    def step(self, i, block, stream, linears):
+        paired = None if self.reference is None else (self.dense_block(i, block), self.reference)
+        sequential = self.cfg.sequential
+        if sequential:
+            self.frozen = Frozen(block, list(linears), stream, linears=stream.device.type == "cpu")
+        records = []
+        for group in input_groups(block, stream, list(linears)) if sequential else [list(linears)]:
+            stats = collect(block, stream, group, reference=paired, shared=sequential)
+            records += [self.layer(i, name, linears[name], stats[name]) for name in group]
+            if self.frozen:
+                self.frozen.freeze({r.layer for r in records})
+        if paired:
+            self.reference = self.reference.through(paired[0])
+        return records
+
+    def layer(self, i: int, name: str, linear, stats: LayerStats) -> SDSRecord:
+        start = time.perf_counter()
+        final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),
+                                self.dense[i, name].to(linear.weight.device).float(), stats, self.pruner,
+                                self.pattern, self.cfg)
+        linear.weight.data = final.to(linear.weight.dtype)
+        sync(final.device)
+        return SDSRecord(i, name, seconds=time.perf_counter() - start, **info)
+
+    def dense_block(self, i: int, block):
+        copied = copy.deepcopy(block)
+        for name, linear in selected_linears(copied, self.targets).items():
+            linear.weight.data = self.dense[i, name].to(linear.weight)
+        return copied
+
+    def restored(self, i, block):
+        if self.reference is not None:
+            self.reference = self.reference.through(self.dense_block(i, block))
+
+    def advance(self, stream, block):
+        try:
+            return stream.through(block)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Every replayed submodule gets its own forward back."""
+        if self.frozen:
+            self.frozen.restore()
+            self.frozen = None
+
+
+def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
+              pattern: Pattern, targets: str, cfg: RedenseConfig, progress=lambda i: None,
+              checkpoint: BlockStore | None = None) -> list[dict]:
+    """Steps 2 and 3 over the one-shot model, block by block; returns the per-layer records."""
+    reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
+    stage = SDSStage(dense, pruner, pattern, targets, cfg, reference)
+    try:
+        return walk(model, stream, stage, checkpoint, progress)
+    finally:
+        stage.release()
+
+
+def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:
+    """CPU copies of the selected linears' weights, keyed by (block, name)."""
+    return {(i, name): linear.weight.detach().to("cpu", copy=True) for i, name, linear in model_linears(model, layers)}

@@ -1,0 +1,306 @@
+"""Týr-the-Pruner (Li et al., NeurIPS 2025): structured pruning with a searched per-layer sparsity.
+
+1. Supernet: every layer (a block's attention heads, its FFN channels) is pruned by the local pruner
+   (``pruners/tyr.py``) at several levels around its current count; the next block sees the
+   candidates' outputs mixed by density (expectation error accumulation, the paper's Eq. 5), the
+   median candidate's (the reference code), or the dense layer's (``accumulation: off``).
+2. Search: an evolutionary search over per-layer levels; a mutation moves one level step from one
+   layer to another of the same kind, so the attention and FFN budgets hold exactly. Fitness is the KL
+   divergence of the dense model's next-token distribution (over its top-k tokens) to the candidate's,
+   on few tokens for many offspring and more tokens for the few best.
+3. Iterations: the supernet is rebuilt around the best distribution at half the level spacing.
+The chosen structures are then removed physically (``structure.py``)."""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from sds_cli.engine.stats import collect, relative_error
+from sds_cli.engine.stream import Stream, capture
+from sds_cli.engine.walk import BlockStage, walk
+from sds_cli.errors import ConfigError
+from sds_cli.models import decoder_layers
+from sds_cli.paths import preset
+from sds_cli.stages.tyr.local import LOCAL
+from sds_cli.stages.tyr.structure import OUTPUTS, Geometry, Kept, block_params, geometry, shrink
+
+KINDS = ("attention", "ffn")
+ACCUMULATION = ("expectation", "median", "off")
+
+
+@dataclass
+class TyrConfig:
+    """A ``conf/pruner/tyr*.yaml`` preset: its defaults and their meaning live there, once (``tyr-paper`` holds the
+    paper's search budgets)."""
+
+    name: str
+    search: bool
+    local: str
+    accumulation: str
+    levels: int
+    step: float
+    min_channels: int
+    rounds: dict
+    percdamp: float
+    iterations: int
+    generations: int
+    offspring: int
+    selection: list
+    search_windows: int
+    kl_topk: int
+
+    @classmethod
+    def preset(cls, name: str = "tyr", **overrides) -> TyrConfig:
+        return cls(**preset("pruner", name) | overrides)
+
+    def __post_init__(self):
+        if self.local not in LOCAL:
+            raise ConfigError(f"pruner.local={self.local!r}; choose one of: {', '.join(LOCAL)}")
+        if self.accumulation not in ACCUMULATION:
+            raise ConfigError(f"pruner.accumulation={self.accumulation!r}; choose one of: {', '.join(ACCUMULATION)}")
+        if self.levels < 1 or self.iterations < 1 or not 0 < self.step <= 1:
+            raise ConfigError("pruner.levels and pruner.iterations must be >= 1 and pruner.step in (0, 1]")
+        if not self.selection or self.selection[-1][0] != 1 or any(s < 1 or t < 1 for s, t in self.selection):
+            raise ConfigError("pruner.selection must be [[survivors, tokens], ...] ending in one survivor")
+
+
+def uniform(target: float, count: int, layers: int) -> list[int]:
+    """Structures removed per layer, as even as whole structures allow, summing to round(target * all)."""
+    return [round((i + 1) * target * count) - round(i * target * count) for i in range(layers)]
+
+
+def budget(target: float, geo: Geometry) -> dict[str, float]:
+    """The fraction of heads and of FFN channels to remove so that ``target`` of the block parameters
+    goes: heads at ``target``, and the FFN also covers the key/value heads that grouped-query attention
+    keeps while any query head still reads them."""
+    removed = target * sum(geo.params.values()) - target * geo.heads * geo.head_params
+    return {"attention": target, "ffn": min(1.0, max(0.0, removed / geo.params["ffn"]))}
+
+
+@dataclass
+class Supernet:
+    """Candidate weights of each layer's output linear, keyed by structures removed, and the order in
+    which its structures were removed (so every level's kept set is known)."""
+
+    centers: dict[str, list[int]]
+    spacing: dict[str, int]
+    offsets: dict[str, list[list[int]]]  # allowed level offsets per layer
+    weights: dict[tuple[int, str], dict[int, torch.Tensor]] = field(default_factory=dict)
+    order: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def removed(self, kind: str, i: int, offset: int) -> int:
+        return self.centers[kind][i] + offset * self.spacing[kind]
+
+
+def plan(cfg: TyrConfig, geo: Geometry, centers: dict[str, list[int]], iteration: int) -> Supernet:
+    """The levels of one iteration: ``cfg.levels`` around each center at this iteration's spacing."""
+    fraction = cfg.step / 2**iteration
+    spacing = {"attention": max(1, round(fraction * geo.heads)), "ffn": max(cfg.min_channels, round(fraction * geo.channels))}
+    half = cfg.levels // 2  # the uniform distribution too: its accumulation mixes every level
+    offsets = {kind: [[k for k in range(-half, half + 1) if 0 <= c + k * spacing[kind] <= geo.count[kind]]
+                      for c in centers[kind]] for kind in KINDS}
+    return Supernet(centers, spacing, offsets)
+
+
+def mix(candidates: dict[int, torch.Tensor], dense: torch.Tensor, center: int, count: int, mode: str) -> torch.Tensor:
+    """What the next layers see while the supernet is built (the paper's Eq. 5 for ``expectation``)."""
+    if mode == "off":
+        return dense
+    if mode == "median":
+        return candidates[center]
+    density = {r: (count - r) / count for r in candidates}
+    return sum(density[r] * w for r, w in candidates.items()) / max(sum(density.values()), 1e-12)
+
+
+@dataclass
+class SupernetStage(BlockStage):
+    """Fills ``net`` block by block: each output linear's candidates from its inputs in the model as
+    accumulated so far."""
+
+    net: Supernet
+    cfg: TyrConfig
+    geo: Geometry
+    targets: str = r"self_attn\.o_proj$|mlp\.down_proj$"
+
+    def step(self, i, block, stream, linears):
+        net, cfg, geo = self.net, self.cfg, self.geo
+        local = LOCAL[cfg.local]
+        rows = []
+        for kind in KINDS:
+            name, start = OUTPUTS[kind], time.perf_counter()
+            linear = linears[name]
+            gram = collect(block, stream, [name])[name].gram
+            dense = linear.weight.data.clone()
+            removals = [net.removed(kind, i, k) for k in net.offsets[kind][i]]
+            weights, order = local(dense, gram, geo.group[kind], removals, rounds=cfg.rounds[kind],
+                                   percdamp=cfg.percdamp)
+            net.weights[(i, kind)], net.order[(i, kind)] = weights, order
+            linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
+            errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
+            rows.append(_Row(i, name, removals, [errors[r] for r in removals], time.perf_counter() - start))
+        return rows
+
+
+def build_supernet(model, stream: Stream, net: Supernet, cfg: TyrConfig, geo: Geometry, progress) -> list[dict]:
+    """Fill ``net`` block by block; returns per-layer records (levels, relative errors, seconds)."""
+    return walk(model, stream, SupernetStage(net, cfg, geo), progress=progress)
+
+
+@dataclass
+class _Row:
+    block: int
+    layer: str
+    removed: list[int]
+    error: list[float]
+    seconds: float
+
+
+class Fitness:
+    """KL divergence of the dense model's next-token distribution, restricted to its top-k tokens, to
+    the candidate's on the same tokens (the reference code's sparse KL); lower is better."""
+
+    def __init__(self, model, windows: torch.Tensor, topk: int, device: str):
+        self.model, self.windows, self.device = model, windows, device
+        self.targets = []
+        with torch.no_grad():
+            for w in windows:
+                logits = model(w[None].to(device)).logits[0, :-1].float()
+                values, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
+                self.targets.append((F.log_softmax(values, -1).cpu(), index.cpu()))
+
+    @torch.no_grad()
+    def __call__(self, picks: list[int], tokens: int) -> float:
+        total, count = 0.0, 0
+        for j in picks:
+            n = min(tokens - count, self.windows.shape[1] - 1)
+            logp, index = (t[:n].to(self.device) for t in self.targets[j])
+            logits = self.model(self.windows[j, : n + 1][None].to(self.device)).logits[0, :n].float()
+            logq = F.log_softmax(logits.gather(-1, index), -1)
+            total += (logp.exp() * (logp - logq)).sum().item()
+            count += n
+            if count >= tokens:
+                break
+        return total / count
+
+
+def apply(model, net: Supernet, state: dict[str, list[int]]) -> None:
+    """Load each layer's candidate for the levels in ``state`` (offsets per layer) into the model."""
+    for i, block in enumerate(decoder_layers(model)):
+        for kind in KINDS:
+            linear = block.get_submodule(OUTPUTS[kind])
+            linear.weight.data = net.weights[(i, kind)][net.removed(kind, i, state[kind][i])]
+
+
+def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.Random,
+           progress: Callable[[], None]) -> tuple[dict[str, list[int]], list[float]]:
+    """The evolutionary search over level offsets; returns the best state and its fitness per generation."""
+    layers = len(net.centers["attention"])
+    parent = {kind: [0] * layers for kind in KINDS}
+    history = []
+    for _ in range(cfg.generations):
+        children = []
+        for _ in range(50 * cfg.offspring):
+            if len(children) == cfg.offspring:
+                break
+            child = _mutate(parent, net, rng)
+            if child is not None and child != parent and child not in children:
+                children.append(child)
+        best = float("nan")
+        for s, (survivors, tokens) in enumerate(cfg.selection):
+            if s == len(cfg.selection) - 1 and parent not in children:
+                children.append(parent)  # elitism: the parent competes in the final stage
+            picks = rng.sample(range(len(fitness.windows)), len(fitness.windows))
+            scores = []
+            for child in children:
+                apply(model, net, child)
+                scores.append(fitness(picks, tokens))
+            ranked = sorted(range(len(children)), key=scores.__getitem__)[:survivors]
+            children, best = [children[r] for r in ranked], scores[ranked[0]]
+        parent = children[0]
+        history.append(best)
+        progress()
+    return parent, history
+
+
+def _mutate(parent: dict[str, list[int]], net: Supernet, rng: random.Random) -> dict[str, list[int]] | None:
+    """Shift one level step from one layer to another of the same kind, one to four times (fewer more
+    often); None when no shift is possible."""
+    child = {kind: list(v) for kind, v in parent.items()}
+    for _ in range(min(rng.randint(1, 4), rng.randint(1, 4))):
+        kind = rng.choice(KINDS)
+        levels = child[kind]
+        lower = [i for i, k in enumerate(levels) if k - 1 in net.offsets[kind][i]]
+        higher = [i for i, k in enumerate(levels) if k + 1 in net.offsets[kind][i]]
+        if not lower or not higher or (len(lower) == 1 and higher == lower):
+            return None
+        a = rng.choice(lower)
+        b = rng.choice([i for i in higher if i != a] or [a])
+        if a == b:
+            return None
+        levels[a] -= 1
+        levels[b] += 1
+    return child
+
+
+def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str, seed: int, batch_size: int,
+          offload: bool, forms: list[int] | None, bar) -> dict:
+    """Týr end to end on ``model`` (in place, ending physically smaller); returns what results.json keeps."""
+    geo = geometry(model)
+    layers = decoder_layers(model)
+    before = block_params(model)
+    dense = {(i, kind): b.get_submodule(OUTPUTS[kind]).weight.data.clone() for i, b in enumerate(layers) for kind in KINDS}
+    centers = {kind: uniform(fraction, geo.count[kind], len(layers)) for kind, fraction in budget(target, geo).items()}
+    rng = random.Random(seed)
+    fitness = None
+    if cfg.search:
+        with bar("Týr: dense top-k targets", 1) as advance:
+            fitness = Fitness(model.to(device), calib[: cfg.search_windows], cfg.kl_topk, device)
+            model.to("cpu")
+            advance()
+    iterations, records = [], []
+    for t in range(cfg.iterations if cfg.search else 1):
+        for (i, kind), weight in dense.items():
+            layers[i].get_submodule(OUTPUTS[kind]).weight.data = weight
+        net = plan(cfg, geo, centers, t)
+        with bar(f"Týr supernet {t + 1}: {cfg.accumulation} accumulation", len(layers)) as advance:
+            stream = capture(model, calib, batch_size, device, offload, forms)
+            records = build_supernet(model, stream, net, cfg, geo, lambda i: advance())
+            del stream
+        state = {kind: [0] * len(layers) for kind in KINDS}
+        entry = {"spacing": dict(net.spacing), "fitness": []}
+        if cfg.search:
+            model.to(device)
+            with bar(f"Týr search {t + 1}: {cfg.generations} generations", cfg.generations) as advance:
+                state, entry["fitness"] = evolve(model, net, fitness, cfg, rng, advance)
+            model.to("cpu")
+        iterations.append(entry)
+        centers = {kind: [net.removed(kind, i, k) for i, k in enumerate(state[kind])] for kind in KINDS}
+    apply(model, net, state)
+    kept = [Kept(heads=_kept(net, i, "attention", centers), channels=_kept(net, i, "ffn", centers))
+            for i in range(len(layers))]
+    shrink(model, kept)
+    after = block_params(model)
+    return {"layers": records, "extra": {
+        "distribution": [{"block": i, "heads_kept": len(k.heads), "channels_kept": len(k.channels),
+                          "kv_heads_kept": _kv(layers[i])} for i, k in enumerate(kept)],
+        "budget": budget(target, geo),
+        "block_params": {"dense": before, "pruned": after, "removed_fraction": 1 - after / before},
+        "geometry": vars(geo) | {"params_per_block": geo.params},
+        "iterations": iterations}}
+
+
+def _kept(net: Supernet, i: int, kind: str, centers: dict[str, list[int]]) -> list[int]:
+    order = net.order[(i, kind)]
+    return sorted(order[centers[kind][i]:].tolist())
+
+
+def _kv(block) -> int:
+    """Key/value heads the smaller block computes (a `_PerHead` projection holds its linear inside)."""
+    attn = block.self_attn
+    k_proj = getattr(attn, "k_proj", None)
+    return 0 if k_proj is None else getattr(k_proj, "linear", k_proj).out_features // attn.head_dim
