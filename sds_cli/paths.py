@@ -19,3 +19,8 @@ def preset(group: str, name: str) -> dict:
         if base != "_self_":
             merged |= preset(group, base)
     return merged | data
+
+
+def top_default(key: str):
+    """A top-level knob's default, from ``conf/config.yaml``."""
+    return yaml.safe_load((CONF / "config.yaml").read_text())[key]

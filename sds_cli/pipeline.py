@@ -10,12 +10,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sds_cli import data
 from sds_cli.console import bar, console, layer_table, summary
+from sds_cli.engine.coverage import check_coverage, coverage
 from sds_cli.engine.replay import check_replay
 from sds_cli.engine.stream import Stream, capture
 from sds_cli.engine.walk import mask_fingerprints, model_linears
 from sds_cli.errors import ConfigError
 from sds_cli.eval.evaluator import Evaluator
 from sds_cli.models import DTYPES, LoadedModel, decoder_layers, load_model
+from sds_cli.paths import top_default
 from sds_cli.pruners.base import Pruner, build_pruner
 from sds_cli.results import dense_cache, export
 from sds_cli.results.checkpoint import Checkpoint
@@ -93,7 +95,9 @@ class Run:
         self.checkpoint.put_metrics(stage, self.record.metrics[stage])
 
     def fingerprint(self, stage: str) -> None:
+        """Each pruned linear's mask hash, and what fraction of the blocks' weight matrices the stage pruned."""
         self.record.extra.setdefault("mask_sha1", {})[stage] = mask_fingerprints(self.lm.model, self.cfg.targets)
+        self.record.extra.setdefault("coverage", {})[stage] = coverage(self.lm.model, self.cfg.targets)
 
     def save(self, name: str) -> None:
         """The pruned model with its tokenizer, inside the run dir, in the ``save.format`` (see export.py)."""
@@ -145,6 +149,8 @@ def prepare(cfg: DictConfig, record: Record, name: str) -> Run:
     export.check_format(cfg.save)
     lm = load_model(cfg.model, cfg.dtype)
     check_model(lm, cfg, pattern if name != "dense" else None)
+    if name in ("oneshot", "sds"):
+        record.extra["left_dense"] = check_coverage(lm.model, cfg.targets, top_default("targets"))
     setup = Run(cfg, record, lm, device, pattern, Evaluator(cfg, lm, device), checkpoint)
     if name != "dense":
         setup.calib = data.calibration_windows(lm.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
@@ -285,6 +291,10 @@ def print_summary(record: Record) -> None:
     seconds = {s: record.seconds.get(f"{s}_eval", 0) + record.seconds.get(s, 0) for s in record.metrics}
     console.print(summary(f"{record.config['model']['name']}  {record.config['pruner']['name']}  "
                           f"{record.config['sparsity']}", metrics, seconds))
+    for stage, cover in record.extra.get("coverage", {}).items():
+        console.print(f"{stage}: pruned {cover['pruned_fraction']:.1%} of the blocks' weight matrices "
+                      f"({cover['pruned_params']:,} of {cover['block_params']:,} parameters, routers excepted); "
+                      f"zeros {cover['zeros_pruned']:.1%} of them, {cover['zeros_block']:.1%} of all", highlight=False)
     console.print(f"results: {record.path}")
 
 

@@ -23,6 +23,10 @@ def test_run_is_the_cli_run(cli_run, tmp_path):
     assert written["status"] == "ok" and result.run_dir == tmp_path / "api"
     assert result.metrics == cli_run["metrics"] and written["metrics"] == cli_run["metrics"]
     assert result.mask_sha1 == cli_run["mask_sha1"]
+    for stage in ("oneshot", "sds"):  # whole-model accounting: every block matrix pruned, 2:4 = half zeros
+        cover = written["coverage"][stage]
+        assert cover["pruned_fraction"] == 1.0 and cover["zeros_pruned"] == cover["zeros_block"] == 0.5
+    assert written["left_dense"] == []
     assert [r["error_final"] for r in result.layers["sds"]] == [r["error_final"] for r in cli_run["layers"]["sds"]]
     q = result.model.model.layers[0].self_attn.q_proj.weight
     assert ((q.reshape(q.shape[0], -1, 4) != 0).sum(-1) <= 2).all()

@@ -7,8 +7,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sds_cli.engine import replay as replay_module
+from sds_cli.engine.coverage import check_coverage, coverage
 from sds_cli.engine.replay import ReplayMismatch, check_replay, replay
 from sds_cli.engine.stream import capture, reference_outputs
+from sds_cli.errors import ConfigError
+from sds_cli.pruners import build_pruner
+from sds_cli.sparsity import Pattern
+from sds_cli.stages.oneshot import prune_model
 
 TOLERANCE = 1e-5  # fp32; the replay runs the same kernels on the same inputs, measured 0 or ~1e-7
 SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -26,11 +31,32 @@ FAMILIES = {
     "opt": {"vocab_size": 128, "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
             "max_position_embeddings": 64, "word_embed_proj_dim": 32},
 }
+GPT = {"vocab_size": 128, "n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+       "eos_token_id": 0}
+FAMILIES |= {
+    "gpt_neox": {k: v for k, v in SMALL.items() if k != "num_key_value_heads"},  # parallel residual
+    "falcon": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "qwen3": SMALL | {"head_dim": 8}, "olmo2": SMALL, "granite": SMALL, "cohere": SMALL, "stablelm": SMALL,
+    "phi": SMALL, "gemma": SMALL | {"head_dim": 8}, "gptj": GPT | {"rotary_dim": 4},
+    "bloom": {"vocab_size": 128, "hidden_size": 32, "n_layer": 4, "n_head": 4},  # ALiBi
+}
+MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+UNPRUNABLE = {  # block weight matrices that are not nn.Linear: fused 3-D experts, GPT-2's Conv1D
+    "mixtral": SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": SMALL | MOE | {"shared_expert_intermediate_size": 32},
+    "qwen3_moe": SMALL | MOE | {"head_dim": 8},
+    "olmoe": SMALL | {"num_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": SMALL | {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "sliding_window": 8},
+    "deepseek_v3": SMALL | {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                            "n_shared_experts": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 16,
+                            "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "n_group": 1, "topk_group": 1},
+    "gpt2": GPT,
+}
 MIXED = ("qwen2-sliding", "gemma2", "gemma3_text")  # blocks of more than one attention type
 
 
 def tiny(family: str):
-    config = AutoConfig.for_model(family.split("-")[0], **FAMILIES[family])
+    config = AutoConfig.for_model(family.split("-")[0], **(FAMILIES | UNPRUNABLE)[family])
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -39,7 +65,7 @@ def windows(n=2, seqlen=24):
     return torch.randint(1, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *UNPRUNABLE])
 def test_replay_equals_the_models_forward(family):
     model = tiny(family)
     diffs, _ = check_replay(model, windows(1), "cpu", TOLERANCE)
@@ -89,4 +115,42 @@ def test_replay_mismatch_stops_a_run_in_one_line(run_main, monkeypatch):
     monkeypatch.setattr("sds_cli.pipeline.check_replay", mismatch)
     code, err, results = run_main("model=tiny-llama", "pruner=wanda", "redense=none", *TINY)
     assert code == 2 and "block 1 differs" in err and "Traceback" not in err
+    assert results is None or results["status"] == "failed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_block_matrix_is_pruned(family):
+    """Coverage 100%: after a one-shot 50% prune, 50% zeros over every weight matrix inside the blocks."""
+    model = tiny(family)
+    assert check_coverage(model, ".*", ".*") == []
+    prune_model(model, capture(model, windows(2), 1, "cpu", False), build_pruner("magnitude"), Pattern.parse(0.5), ".*")
+    cover = coverage(model, ".*")
+    assert cover["pruned_fraction"] == 1.0 and cover["block_params"] > 0
+    assert cover["zeros_block"] == pytest.approx(0.5, abs=1e-3) and cover["zeros_pruned"] == cover["zeros_block"]
+
+
+@pytest.mark.parametrize("family", UNPRUNABLE)
+def test_matrices_left_dense_stop_the_run_unless_excluded(family):
+    """Fused experts and Conv1D are not nn.Linear: the default selection refuses in one line naming them; an explicit
+    selection is accepted and the coverage figure shows what stayed dense. Routers are never counted."""
+    model = tiny(family)
+    with pytest.raises(ConfigError, match=r"Conv1D|Experts") as err:
+        check_coverage(model, ".*", ".*")
+    assert "\n" not in str(err.value) and ("targets=" in str(err.value) or "selects no nn.Linear" in str(err.value))
+    if family == "gpt2":
+        return
+    left = check_coverage(model, "self_attn", ".*")
+    assert "mlp.experts.gate_up_proj" in left and not any("gate.weight" in n or "router" in n for n in left)
+    prune_model(model, capture(model, windows(2), 1, "cpu", False), build_pruner("magnitude"), Pattern.parse(0.5),
+                "self_attn")
+    cover = coverage(model, "self_attn")
+    assert cover["router_params"] > 0 and cover["zeros_pruned"] == pytest.approx(0.5, abs=1e-3)
+    assert cover["pruned_fraction"] < 0.5 and cover["zeros_block"] == pytest.approx(0.5 * cover["pruned_fraction"], abs=1e-3)
+
+
+def test_a_selection_of_nothing_stops_in_one_line(run_main):
+    from conftest import TINY
+
+    code, err, results = run_main("model=tiny-llama", "pruner=wanda", "redense=none", "targets=nothing_matches", *TINY)
+    assert code == 2 and "selects no nn.Linear" in err and "Traceback" not in err
     assert results is None or results["status"] == "failed"
