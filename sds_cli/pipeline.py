@@ -101,8 +101,12 @@ class Run:
 
     def save(self, name: str) -> None:
         """The pruned model with its tokenizer, inside the run dir, in the ``save.format`` (see export.py)."""
+        from sds_cli.results import model_card
+
         out = self.record.path.parent / name
         export.FORMATS[self.cfg.save.format](self.lm, out, self.cfg.targets)
+        # README.md beside the weights: method, measured sparsity, this stage's metrics, how to load
+        self.record.extra.setdefault("model_card", {})[name] = model_card.write(out, self.lm.model, self.record, name)
         self.record.extra.setdefault("saved", {})[name] = str(out)
         self.record.extra.setdefault("saved_bytes", {})[name] = export.disk_bytes(out)
         self.record.extra["saved_format"] = self.cfg.save.format
