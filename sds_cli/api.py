@@ -12,7 +12,7 @@ from sds_cli.engine.replay import check_replay
 from sds_cli.engine.stream import capture
 from sds_cli.engine.walk import mask_fingerprints
 from sds_cli.errors import ConfigError
-from sds_cli.paths import CONF, preset
+from sds_cli.paths import CONF, preset, top_default
 from sds_cli.pipeline import REPLAY_TOLERANCE
 from sds_cli.pruners import build_pruner
 from sds_cli.sparsity import Pattern
@@ -66,12 +66,13 @@ def run(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None 
 
 def prune(model: nn.Module, tokenizer, calibration: torch.Tensor | list[str], *, pruner: str = "sparsegpt",
           sparsity: str | float = "2:4", redense: str = "sds", targets: str = ".*", seqlen: int = 512,
-          device: str = "cpu", batch_size: int = 1, check: bool = True, pruner_options: dict | None = None,
-          redense_options: dict | None = None) -> Result:
+          device: str = "cpu", batch_size: int = 1, check: bool = True, sequential: bool | None = None,
+          pruner_options: dict | None = None, redense_options: dict | None = None) -> Result:
     """The run's pruning stages on a Hugging Face causal LM already in memory (on the CPU; only the current
     block moves to ``device``), in place. ``calibration`` is a ``[n, seqlen]`` tensor of token ids, or texts
     cut into ``seqlen``-token windows. ``pruner`` and ``redense`` name the presets of ``conf/pruner`` and
-    ``conf/redense`` (``redense="none"``: one-shot only); ``*_options`` override their knobs. Returns the
+    ``conf/redense`` (``redense="none"``: one-shot only); ``*_options`` override their knobs; ``sequential`` is
+    ``oneshot.sequential`` (None: the config's default). Returns the
     per-layer records and mask fingerprints of each stage (no evaluation: the model is the caller's)."""
     if pruner in ("none", "tyr", "tyr-paper"):
         raise ConfigError(f"pruner={pruner}: sds_cli.prune takes an unstructured pruner (sparsegpt, wanda, magnitude); "
@@ -85,7 +86,8 @@ def prune(model: nn.Module, tokenizer, calibration: torch.Tensor | list[str], *,
     forms = check_replay(model, windows[:1], device, tolerance)[1] if check else None
     dense = snapshot(model, targets) if sds else None
     stream = capture(model, windows, batch_size, device, offload=False, forms=forms)
-    layers = {"oneshot": prune_model(model, stream, prune_layer, pattern, targets)}
+    sequential = top_default("oneshot")["sequential"] if sequential is None else sequential
+    layers = {"oneshot": prune_model(model, stream, prune_layer, pattern, targets, sequential=sequential)}
     fingerprints = {"oneshot": mask_fingerprints(model, targets)}
     if sds:
         layers["sds"] = sds_model(model, stream, dense, prune_layer, pattern, targets, sds)

@@ -190,7 +190,7 @@ def oneshot_stage(run: Run) -> None:
     with run.record.stage("oneshot"), run.bar(f"1 sparse: {cfg.pruner.name} {run.pattern}") as advance:
         run.stream = capture(run.lm.model, run.calib, cfg.engine.batch_size, run.device, cfg.engine.offload, run.forms)
         run.record.layers["oneshot"] = prune_model(run.lm.model, run.stream, pruner, run.pattern, cfg.targets,
-                                                   lambda i: advance(), run.checkpoint.stage("oneshot"))
+                                                   lambda i: advance(), run.checkpoint.stage("oneshot"), cfg.oneshot.sequential)
     run.evaluate_stage("oneshot")
     run.fingerprint("oneshot")
     if cfg.save.oneshot or (cfg.save.final and not redense):

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from torch import nn
 
+from sds_cli.engine.stats import Frozen, collect, input_groups
 from sds_cli.engine.stream import Stream
 from sds_cli.models import block_linears, decoder_layers
 
@@ -35,6 +36,47 @@ class BlockStage:
 
     def advance(self, stream: Stream, block: nn.Module) -> Stream:
         return stream.through(block)
+
+
+class GroupStage(BlockStage):
+    """A stage that changes a block's linears input group by input group (q/k/v, o, gate/up, down). With
+    ``sequential``, each group's statistics come from its inputs once the groups before it are final, and finished
+    submodules replay their outputs (``Frozen``; on the CPU finished linears too), so the block's forward runs
+    about once; otherwise every statistic comes from the block as it entered the stage."""
+
+    sequential: bool
+    frozen: Frozen | None = None
+
+    def step(self, i, block, stream, linears):
+        names = list(linears)
+        if self.sequential:
+            self.frozen = Frozen(block, names, stream, linears=stream.device.type == "cpu")
+        records = []
+        for group in input_groups(block, stream, names) if self.sequential else [names]:
+            stats = self.statistics(block, stream, group)
+            records += [self.layer(i, name, linears[name], stats[name]) for name in group]
+            if self.frozen:
+                self.frozen.freeze({r.layer for r in records})
+        return records
+
+    def statistics(self, block: nn.Module, stream: Stream, names: list[str]) -> dict:
+        return collect(block, stream, names, shared=self.sequential)
+
+    def layer(self, i: int, name: str, linear: nn.Linear, stats) -> object:
+        """Change one linear; return its record (a dataclass with a ``layer`` field)."""
+        raise NotImplementedError
+
+    def advance(self, stream, block):
+        try:
+            return stream.through(block)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Every replayed submodule gets its own forward back."""
+        if self.frozen:
+            self.frozen.restore()
+            self.frozen = None
 
 
 def walk(model: nn.Module, stream: Stream, stage: BlockStage, checkpoint: BlockStore | None = None,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sds_cli.engine.stats import collect, relative_error
+from sds_cli.engine.stats import Frozen, relative_error
 from sds_cli.engine.stream import Stream, sync
-from sds_cli.engine.walk import BlockStage, BlockStore, walk
+from sds_cli.engine.walk import BlockStore, GroupStage, walk
 from sds_cli.pruners.base import Pruner
 from sds_cli.sparsity import Pattern
 
@@ -24,29 +24,33 @@ class LayerRecord:
 
 
 @dataclass
-class OneShot(BlockStage):
-    """Every ``targets`` linear of a block pruned on the statistics of its inputs in the model pruned so far."""
+class OneShot(GroupStage):
+    """Every ``targets`` linear of a block pruned on the statistics of its inputs. Not ``sequential`` (SparseGPT's
+    OPT script): all from the block as it enters the stage, then a second forward for the next block's inputs.
+    ``sequential`` (GPTQ/SparseGPT's ``--true-sequential``): each input group on its inputs in the pruned block,
+    one forward per block (``GroupStage``)."""
 
     pruner: Pruner
     pattern: Pattern
     targets: str
+    sequential: bool
+    frozen: Frozen | None = None
 
-    def step(self, i, block, stream, linears):
-        records = []
-        stats = collect(block, stream, list(linears))
-        for name, linear in linears.items():
-            start = time.perf_counter()
-            weight = linear.weight.detach().to(torch.float32, copy=True)
-            pruned, mask = self.pruner(weight, stats[name], self.pattern)
-            linear.weight.data = pruned.to(linear.weight.dtype)
-            sync(weight.device)
-            records.append(LayerRecord(i, name, tuple(weight.shape), mask.float().mean().item(),
-                                       relative_error(weight, pruned, stats[name].gram),
-                                       time.perf_counter() - start))
-        return records
+    def layer(self, i, name, linear, stats):
+        start = time.perf_counter()
+        weight = linear.weight.detach().to(torch.float32, copy=True)
+        pruned, mask = self.pruner(weight, stats, self.pattern)
+        linear.weight.data = pruned.to(linear.weight.dtype)
+        sync(weight.device)
+        return LayerRecord(i, name, tuple(weight.shape), mask.float().mean().item(),
+                           relative_error(weight, pruned, stats.gram), time.perf_counter() - start)
 
 
 def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, targets: str,
-                progress=lambda i: None, checkpoint: BlockStore | None = None) -> list[dict]:
+                progress=lambda i: None, checkpoint: BlockStore | None = None, sequential: bool = False) -> list[dict]:
     """Stage 1: every selected linear pruned, block by block; returns the per-layer records."""
-    return walk(model, stream, OneShot(pruner, pattern, targets), checkpoint, progress)
+    stage = OneShot(pruner, pattern, targets, sequential)
+    try:
+        return walk(model, stream, stage, checkpoint, progress)
+    finally:
+        stage.release()

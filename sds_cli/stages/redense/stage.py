@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sds_cli.engine.stats import Frozen, LayerStats, collect, input_groups
+from sds_cli.engine.stats import Frozen, LayerStats, collect
 from sds_cli.engine.stream import Stream, sync
-from sds_cli.engine.walk import BlockStage, BlockStore, model_linears, selected_linears, walk
+from sds_cli.engine.walk import BlockStore, GroupStage, model_linears, selected_linears, walk
 from sds_cli.errors import ConfigError
 from sds_cli.paths import preset
 from sds_cli.pruners.base import Pruner
@@ -121,33 +121,29 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
 
 
 @dataclass
-class SDSStage(BlockStage):
-    """Steps 2 and 3 at each block of the one-shot model. ``sequential``: input groups (q/k/v, o, gate/up, down)
-    in forward order, each collected after the groups before it are final, finished submodules replayed
-    (``Frozen``); ``reference``: the dense model's own stream, where the objective needs its inputs."""
+class SDSStage(GroupStage):
+    """Steps 2 and 3 at each block of the one-shot model, input group by input group (``GroupStage``);
+    ``reference``: the dense model's own stream, where the objective needs its inputs."""
 
     dense: dict[tuple[int, str], torch.Tensor]
     pruner: Pruner
     pattern: Pattern
     targets: str
     cfg: RedenseConfig
+    sequential: bool
     reference: Stream | None = None
     frozen: Frozen | None = None
+    paired: tuple | None = None
 
     def step(self, i, block, stream, linears):
-        paired = None if self.reference is None else (self.dense_block(i, block), self.reference)
-        sequential = self.cfg.sequential
-        if sequential:
-            self.frozen = Frozen(block, list(linears), stream, linears=stream.device.type == "cpu")
-        records = []
-        for group in input_groups(block, stream, list(linears)) if sequential else [list(linears)]:
-            stats = collect(block, stream, group, reference=paired, shared=sequential)
-            records += [self.layer(i, name, linears[name], stats[name]) for name in group]
-            if self.frozen:
-                self.frozen.freeze({r.layer for r in records})
-        if paired:
-            self.reference = self.reference.through(paired[0])
+        self.paired = None if self.reference is None else (self.dense_block(i, block), self.reference)
+        records = super().step(i, block, stream, linears)
+        if self.paired:
+            self.reference = self.reference.through(self.paired[0])
         return records
+
+    def statistics(self, block, stream, names):
+        return collect(block, stream, names, reference=self.paired, shared=self.sequential)
 
     def layer(self, i: int, name: str, linear, stats: LayerStats) -> SDSRecord:
         start = time.perf_counter()
@@ -168,25 +164,13 @@ class SDSStage(BlockStage):
         if self.reference is not None:
             self.reference = self.reference.through(self.dense_block(i, block))
 
-    def advance(self, stream, block):
-        try:
-            return stream.through(block)
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        """Every replayed submodule gets its own forward back."""
-        if self.frozen:
-            self.frozen.restore()
-            self.frozen = None
-
 
 def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
               pattern: Pattern, targets: str, cfg: RedenseConfig, progress=lambda i: None,
               checkpoint: BlockStore | None = None) -> list[dict]:
     """Steps 2 and 3 over the one-shot model, block by block; returns the per-layer records."""
     reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
-    stage = SDSStage(dense, pruner, pattern, targets, cfg, reference)
+    stage = SDSStage(dense, pruner, pattern, targets, cfg, cfg.sequential, reference)
     try:
         return walk(model, stream, stage, checkpoint, progress)
     finally:
