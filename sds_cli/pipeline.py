@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,6 +94,10 @@ class Run:
         with self.record.stage(f"{stage}_eval"):
             self.record.metrics[stage] = self.checkpoint.metrics(stage) or self.evaluate(stage)
         self.checkpoint.put_metrics(stage, self.record.metrics[stage])
+
+    def profile(self, stage: str, **seconds: float) -> dict:
+        """Where the stage's seconds go (``engine.walk.PROFILE`` parts, filled by the stage), in results.json."""
+        return self.record.extra.setdefault("profile", {}).setdefault(stage, seconds)
 
     def fingerprint(self, stage: str) -> None:
         """Each pruned linear's mask hash, and what fraction of the blocks' weight matrices the stage pruned."""
@@ -188,9 +193,12 @@ def oneshot_stage(run: Run) -> None:
     if redense:
         run.dense = snapshot(run.lm.model, cfg.targets)  # the target W_dense of the SDS stage
     with run.record.stage("oneshot"), run.bar(f"1 sparse: {cfg.pruner.name} {run.pattern}") as advance:
+        start = time.perf_counter()
         run.stream = capture(run.lm.model, run.calib, cfg.engine.batch_size, run.device, cfg.engine.offload, run.forms)
+        profile = run.profile("oneshot", capture=time.perf_counter() - start)
         run.record.layers["oneshot"] = prune_model(run.lm.model, run.stream, pruner, run.pattern, cfg.targets,
-                                                   lambda i: advance(), run.checkpoint.stage("oneshot"), cfg.oneshot.sequential)
+                                                   lambda i: advance(), run.checkpoint.stage("oneshot"), cfg.oneshot.sequential,
+                                                   profile)
     run.evaluate_stage("oneshot")
     run.fingerprint("oneshot")
     if cfg.save.oneshot or (cfg.save.final and not redense):
@@ -203,7 +211,8 @@ def sds_stage(run: Run) -> None:
     pruner, redense = unstructured(cfg)
     with run.record.stage("sds"), run.bar("2-3 dense, sparse: SDS") as advance:
         run.record.layers["sds"] = sds_model(run.lm.model, run.stream, run.dense, pruner, run.pattern, cfg.targets,
-                                             redense, lambda i: advance(), run.checkpoint.stage("sds"))
+                                             redense, lambda i: advance(), run.checkpoint.stage("sds"),
+                                             profile=run.profile("sds"))
     run.evaluate_stage("sds")
     run.fingerprint("sds")
     if cfg.save.final:

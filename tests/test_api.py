@@ -27,6 +27,11 @@ def test_run_is_the_cli_run(cli_run, tmp_path):
         cover = written["coverage"][stage]
         assert cover["pruned_fraction"] == 1.0 and cover["zeros_pruned"] == cover["zeros_block"] == 0.5
     assert written["left_dense"] == []
+    for stage in ("oneshot", "sds"):  # the stage's seconds by part, within the stage's own time
+        parts = written["profile"][stage]
+        assert {"collect", "prune", "advance"} <= set(parts) and all(v >= 0 for v in parts.values())
+        assert 0 < sum(parts.values()) <= written["seconds"][stage]
+    assert "capture" in written["profile"]["oneshot"]
     assert [r["error_final"] for r in result.layers["sds"]] == [r["error_final"] for r in cli_run["layers"]["sds"]]
     q = result.model.model.layers[0].self_attn.q_proj.weight
     assert ((q.reshape(q.shape[0], -1, 4) != 0).sum(-1) <= 2).all()

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Protocol
 
 from torch import nn
 
 from sds_cli.engine.stats import Frozen, collect, input_groups
-from sds_cli.engine.stream import Stream
+from sds_cli.engine.stream import Stream, sync
 from sds_cli.models import block_linears, decoder_layers
 
 
@@ -38,6 +40,9 @@ class BlockStage:
         return stream.through(block)
 
 
+PROFILE = ("collect", "prune", "advance")  # seconds: inputs and their second moments, pruner math, next block's inputs
+
+
 class GroupStage(BlockStage):
     """A stage that changes a block's linears input group by input group (q/k/v, o, gate/up, down). With
     ``sequential``, each group's statistics come from its inputs once the groups before it are final, and finished
@@ -47,17 +52,29 @@ class GroupStage(BlockStage):
     sequential: bool
     frozen: Frozen | None = None
 
+    def __post_init__(self):
+        self.profile = dict.fromkeys(PROFILE, 0.0)
+
     def step(self, i, block, stream, linears):
         names = list(linears)
         if self.sequential:
             self.frozen = Frozen(block, names, stream, linears=stream.device.type == "cpu")
         records = []
         for group in input_groups(block, stream, names) if self.sequential else [names]:
-            stats = self.statistics(block, stream, group)
-            records += [self.layer(i, name, linears[name], stats[name]) for name in group]
+            with self.timed("collect", stream):
+                stats = self.statistics(block, stream, group)
+            with self.timed("prune", stream):
+                records += [self.layer(i, name, linears[name], stats[name]) for name in group]
             if self.frozen:
                 self.frozen.freeze({r.layer for r in records})
         return records
+
+    @contextmanager
+    def timed(self, part: str, stream: Stream):
+        start = time.perf_counter()
+        yield
+        sync(stream.device)
+        self.profile[part] += time.perf_counter() - start
 
     def statistics(self, block: nn.Module, stream: Stream, names: list[str]) -> dict:
         return collect(block, stream, names, shared=self.sequential)
@@ -68,7 +85,8 @@ class GroupStage(BlockStage):
 
     def advance(self, stream, block):
         try:
-            return stream.through(block)
+            with self.timed("advance", stream):
+                return stream.through(block)
         finally:
             self.release()
 

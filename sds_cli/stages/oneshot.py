@@ -47,10 +47,14 @@ class OneShot(GroupStage):
 
 
 def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, targets: str,
-                progress=lambda i: None, checkpoint: BlockStore | None = None, sequential: bool = False) -> list[dict]:
-    """Stage 1: every selected linear pruned, block by block; returns the per-layer records."""
+                progress=lambda i: None, checkpoint: BlockStore | None = None, sequential: bool = False,
+                profile: dict | None = None) -> list[dict]:
+    """Stage 1: every selected linear pruned, block by block; returns the per-layer records (and fills ``profile``
+    with the stage's seconds per part)."""
     stage = OneShot(pruner, pattern, targets, sequential)
     try:
         return walk(model, stream, stage, checkpoint, progress)
     finally:
         stage.release()
+        if profile is not None:
+            profile.update(stage.profile)

@@ -167,14 +167,17 @@ class SDSStage(GroupStage):
 
 def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor], pruner: Pruner,
               pattern: Pattern, targets: str, cfg: RedenseConfig, progress=lambda i: None,
-              checkpoint: BlockStore | None = None) -> list[dict]:
-    """Steps 2 and 3 over the one-shot model, block by block; returns the per-layer records."""
+              checkpoint: BlockStore | None = None, profile: dict | None = None) -> list[dict]:
+    """Steps 2 and 3 over the one-shot model, block by block; returns the per-layer records (and fills ``profile``
+    with the stage's seconds per part)."""
     reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
     stage = SDSStage(dense, pruner, pattern, targets, cfg, cfg.sequential, reference)
     try:
         return walk(model, stream, stage, checkpoint, progress)
     finally:
         stage.release()
+        if profile is not None:
+            profile.update(stage.profile)
 
 
 def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:
