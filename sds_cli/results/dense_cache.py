@@ -70,11 +70,12 @@ def key(cfg: dict) -> str:
     return f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def _code_version() -> str | None:
-    """The commit, so a change to the evaluation code never reuses an older baseline."""
-    from sds_cli.results.record import git_commit
+def _code_version() -> str:
+    """The hash of the package's sources and configs (``record.source_sha256``), so that a change to the code never
+    reuses an older baseline: uncommitted edits included, each dirty state its own, and with no git at all."""
+    from sds_cli.results.record import source_sha256
 
-    return git_commit()
+    return source_sha256()
 
 
 def _path(key: str) -> Path:
