@@ -19,7 +19,7 @@ from sds_cli.paths import CONF
 
 OOM = "out of memory; try engine.offload=true, a smaller calib.nsamples or calib.seqlen, or dtype=bfloat16"
 RESUME = "; the same command plus resume=true goes on from the last finished block"
-GROUPS = ("model", "calib", "pruner", "redense", "eval", "experiment")
+GROUPS = ("model", "calib", "pruner", "redense", "eval", "logger", "experiment")
 
 
 def _choices(group: str) -> list[str]:
@@ -55,31 +55,38 @@ def check_overrides(argv: list[str]) -> list[str]:
 
 def _task(cfg: DictConfig) -> int:
     from sds_cli.pipeline import print_summary, resolved, run
+    from sds_cli.results import tracking
     from sds_cli.results.record import Record
 
-    out = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
     record = Record(out / "results.json", resolved(cfg))
+    tracker = tracking.Tracker()  # logger=none until the configured one has started
     try:
+        sweep = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+        tracker = tracking.start(record.config["logger"], record.config, out, sweep)
         with record.stage("total"):
-            run(cfg, record)
+            run(cfg, record, tracker)
     except (ConfigError, FloatingPointError) as err:
-        return _fail(record, str(err))
+        return _fail(record, tracker, str(err))
     except MemoryError:
-        return _fail(record, OOM + RESUME)
+        return _fail(record, tracker, OOM + RESUME)
     except KeyboardInterrupt:
-        return _fail(record, "interrupted" + RESUME, code=130)
+        return _fail(record, tracker, "interrupted" + RESUME, code=130)
     except Exception as err:  # noqa: BLE001 - an unexpected bug: one line here, the traceback in the run dir
         if "out of memory" in str(err).lower():
-            return _fail(record, OOM + RESUME)
+            return _fail(record, tracker, OOM + RESUME)
         (out / "error.log").write_text(traceback.format_exc())
-        return _fail(record, f"{type(err).__name__}: {err} (traceback in {out / 'error.log'})")
+        return _fail(record, tracker, f"{type(err).__name__}: {err} (traceback in {out / 'error.log'})")
     record.write("ok")
+    tracker.close(record, "ok")
     print_summary(record)
     return 0
 
 
-def _fail(record, message: str, code: int = 2) -> int:
+def _fail(record, tracker, message: str, code: int = 2) -> int:
     record.write("failed", message)
+    tracker.close(record, "failed")
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return code  # a failed job is recorded; the sweep goes on

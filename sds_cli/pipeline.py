@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +23,7 @@ from sds_cli.pruners.base import Pruner, build_pruner
 from sds_cli.results import dense_cache, export
 from sds_cli.results.checkpoint import Checkpoint
 from sds_cli.results.record import Record
+from sds_cli.results.tracking import Tracker
 from sds_cli.sparsity import Pattern
 from sds_cli.stages.oneshot import prune_model
 from sds_cli.stages.redense.stage import RedenseConfig, sds_model, snapshot
@@ -86,6 +87,7 @@ class Run:
     forms: list[int] | None = None
     stream: Stream | None = None
     dense: dict | None = None
+    tracker: Tracker = field(default_factory=Tracker)  # logger=: the run as it goes
 
     def bar(self, title: str):
         return bar(title, len(decoder_layers(self.lm.model)))
@@ -94,6 +96,11 @@ class Run:
         with self.record.stage(f"{stage}_eval"):
             self.record.metrics[stage] = self.checkpoint.metrics(stage) or self.evaluate(stage)
         self.checkpoint.put_metrics(stage, self.record.metrics[stage])
+        self.tracker.stage(stage, self.record.metrics[stage])
+
+    def blocks(self, stage: str):
+        """Where ``walk`` keeps the stage's finished blocks (the checkpoint) and reports them (the tracker)."""
+        return self.tracker.blocks(stage, self.checkpoint.stage(stage))
 
     def profile(self, stage: str, **seconds: float) -> dict:
         """Where the stage's seconds go (``engine.walk.PROFILE`` parts, filled by the stage), in results.json."""
@@ -126,12 +133,14 @@ def method(cfg: DictConfig) -> str:
     return "oneshot" if cfg.redense.name == "none" else "sds"
 
 
-def run(cfg: DictConfig, record: Record) -> Run:
-    """Set up, evaluate the dense model, then run the method's stages in order."""
+def run(cfg: DictConfig, record: Record, tracker: Tracker | None = None) -> Run:
+    """Set up, evaluate the dense model, then run the method's stages in order (reported to ``tracker``)."""
     name = method(cfg)
     setup = prepare(cfg, record, name)
+    setup.tracker = tracker or Tracker()
     if cfg.eval.dense:
         dense_baseline(cfg, record, setup.evaluate)
+        setup.tracker.stage("dense", record.metrics["dense"])
     for stage in METHODS[name]:
         stage(setup)
     setup.checkpoint.clear()
@@ -197,7 +206,7 @@ def oneshot_stage(run: Run) -> None:
         run.stream = capture(run.lm.model, run.calib, cfg.engine.batch_size, run.device, cfg.engine.offload, run.forms)
         profile = run.profile("oneshot", capture=time.perf_counter() - start)
         run.record.layers["oneshot"] = prune_model(run.lm.model, run.stream, pruner, run.pattern, cfg.targets,
-                                                   lambda i: advance(), run.checkpoint.stage("oneshot"), cfg.oneshot.sequential,
+                                                   lambda i: advance(), run.blocks("oneshot"), cfg.oneshot.sequential,
                                                    profile)
     run.evaluate_stage("oneshot")
     run.fingerprint("oneshot")
@@ -211,7 +220,7 @@ def sds_stage(run: Run) -> None:
     pruner, redense = unstructured(cfg)
     with run.record.stage("sds"), run.bar("2-3 dense, sparse: SDS") as advance:
         run.record.layers["sds"] = sds_model(run.lm.model, run.stream, run.dense, pruner, run.pattern, cfg.targets,
-                                             redense, lambda i: advance(), run.checkpoint.stage("sds"),
+                                             redense, lambda i: advance(), run.blocks("sds"),
                                              profile=run.profile("sds"))
     run.evaluate_stage("sds")
     run.fingerprint("sds")
@@ -229,6 +238,8 @@ def tyr_stage(run: Run) -> None:
                     cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
     run.record.layers["tyr"] = out["layers"]
     run.record.extra["tyr"] = out["extra"]
+    for row in out["extra"]["distribution"]:  # heads and channels kept, per block
+        run.tracker.block("tyr", row["block"], [row])
     run.evaluate_stage("oneshot")
     if cfg.save.final:
         run.save("model")
