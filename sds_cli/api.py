@@ -34,7 +34,8 @@ class Result:
 
 def run(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None = None) -> Result:
     """``sds-run`` from Python: the same overrides (``["model=smollm2-135m", "sparsity=2:4"]``), the same
-    ``results.json`` in ``run_dir`` (default ``outputs/api/DATE/TIME_model_pruner_sparsity``). Bad input
+    ``results.json`` in ``run_dir`` (default ``outputs/api/DATE/TIME_model_pruner_sparsity``), the same
+    ``logger=`` tracking. Bad input
     raises ``ConfigError``; a failed run still writes its ``results.json`` with ``status: failed``."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -42,6 +43,7 @@ def run(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None 
     from sds_cli.cli import check_overrides
     from sds_cli.pipeline import resolved
     from sds_cli.pipeline import run as run_pipeline
+    from sds_cli.results import tracking
     from sds_cli.results.record import Record
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -53,13 +55,17 @@ def run(overrides: list[str] | tuple[str, ...] = (), run_dir: str | Path | None 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record = Record(run_dir / "results.json", resolved(cfg))
+    tracker = tracking.Tracker()  # logger=none until the configured one has started
     try:
+        tracker = tracking.start(record.config["logger"], record.config, run_dir)
         with record.stage("total"):
-            done = run_pipeline(cfg, record)
+            done = run_pipeline(cfg, record, tracker)
     except BaseException as err:
         record.write("failed", " ".join(str(err).split()) or type(err).__name__)
+        tracker.close(record, "failed")
         raise
     record.write("ok")
+    tracker.close(record, "ok")
     return Result(record.metrics, record.layers, run_dir, done.lm.model, done.lm.tokenizer,
                   record.extra.get("mask_sha1", {}))
 
