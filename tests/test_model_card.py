@@ -48,6 +48,7 @@ def test_sds_run_writes_a_card_for_each_saved_model(run_main):
         assert "AutoModelForCausalLM.from_pretrained" in body and "load_pruned" not in body
         assert "4 windows of 64 tokens, seed 0" in body and "`embedded`" in body
         assert ("preset `sds`" in body) == (stage == "sds")
+        assert f"source SHA-256 `{results['code']['source_sha256'][:16]}`" in body
         assert "`iters=5`*" in body or stage == "oneshot"  # changed from the preset, marked
     assert metrics["oneshot"]["ppl_embedded"] != metrics["sds"]["ppl_embedded"]  # the two cards differ
 

@@ -234,7 +234,9 @@ def render(config: dict, stage: str, measured: dict, metrics: dict, extra: dict,
     matter = yaml.safe_dump(front_matter(config, stage), sort_keys=False, allow_unicode=True)
     pruner = config["pruner"]["name"]
     title = f"{config['model']['name']}: {pruner} {config['sparsity']}" + (" + SDS" if stage == "sds" else "")
-    made = f"sds-cli {code['version']}" + (f" (commit `{code['commit']}`)" if code.get("commit") else "")
+    made = f"sds-cli {code['version']}" + (f", commit `{code['commit']}`" if code.get("commit") else "")
+    if code.get("source_sha256"):
+        made += f", source SHA-256 `{code['source_sha256'][:16]}`"
     provenance = [f"- made by {made} on {code['date']}",
                   f"- torch {code['torch']}, transformers {code['transformers']}, Python {code['python']}",
                   ("- the whole record of the run (every knob, per-layer errors, mask fingerprints) is its "
@@ -255,7 +257,8 @@ def write(out: Path, model: nn.Module, record: Record, name: str) -> dict:
     config, stage = record.config, stage_of(name, record.metrics)
     measured = measure(out, model, config["targets"])
     found = versions()
-    code = {"version": found.get("sds-cli") or _own_version(), "commit": git_commit(),
+    code = {"version": found.get("sds-cli") or _own_version(), "commit": git_commit(record.code),
+            "source_sha256": record.code["source_sha256"],  # the code the run ran, taken when it started
             "torch": found.get("torch"), "transformers": found.get("transformers"), "python": found.get("python"),
             "date": time.strftime("%Y-%m-%d")}
     (out / "README.md").write_text(render(config, stage, measured, record.metrics, record.extra, code),
