@@ -90,6 +90,16 @@ class GroupStage(BlockStage):
         finally:
             self.release()
 
+    def run(self, model: nn.Module, stream: Stream, checkpoint: BlockStore | None = None,
+            progress: Callable[[int], None] = lambda i: None, profile: dict | None = None) -> list[dict]:
+        """``walk`` with this stage; however it ends, every replay is released and ``profile`` gets the seconds."""
+        try:
+            return walk(model, stream, self, checkpoint, progress)
+        finally:
+            self.release()
+            if profile is not None:
+                profile.update(self.profile)
+
     def release(self) -> None:
         """Every replayed submodule gets its own forward back."""
         if self.frozen:

@@ -8,7 +8,7 @@ import torch
 
 from sds_cli.engine.stats import Frozen, relative_error
 from sds_cli.engine.stream import Stream, sync
-from sds_cli.engine.walk import BlockStore, GroupStage, walk
+from sds_cli.engine.walk import BlockStore, GroupStage
 from sds_cli.pruners.base import Pruner
 from sds_cli.sparsity import Pattern
 
@@ -51,10 +51,4 @@ def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, targets
                 profile: dict | None = None) -> list[dict]:
     """Stage 1: every selected linear pruned, block by block; returns the per-layer records (and fills ``profile``
     with the stage's seconds per part)."""
-    stage = OneShot(pruner, pattern, targets, sequential)
-    try:
-        return walk(model, stream, stage, checkpoint, progress)
-    finally:
-        stage.release()
-        if profile is not None:
-            profile.update(stage.profile)
+    return OneShot(pruner, pattern, targets, sequential).run(model, stream, checkpoint, progress, profile)

@@ -27,7 +27,7 @@ import torch
 
 from sds_cli.engine.stats import Frozen, LayerStats, collect
 from sds_cli.engine.stream import Stream, sync
-from sds_cli.engine.walk import BlockStore, GroupStage, model_linears, selected_linears, walk
+from sds_cli.engine.walk import BlockStore, GroupStage, model_linears, selected_linears
 from sds_cli.errors import ConfigError
 from sds_cli.paths import preset
 from sds_cli.pruners.base import Pruner
@@ -171,13 +171,8 @@ def sds_model(model, stream: Stream, dense: dict[tuple[int, str], torch.Tensor],
     """Steps 2 and 3 over the one-shot model, block by block; returns the per-layer records (and fills ``profile``
     with the stage's seconds per part)."""
     reference = stream if cfg.inputs == "dense" or cfg.target == "dense_outputs" else None
-    stage = SDSStage(dense, pruner, pattern, targets, cfg, cfg.sequential, reference)
-    try:
-        return walk(model, stream, stage, checkpoint, progress)
-    finally:
-        stage.release()
-        if profile is not None:
-            profile.update(stage.profile)
+    return SDSStage(dense, pruner, pattern, targets, cfg, cfg.sequential, reference).run(model, stream, checkpoint,
+                                                                                         progress, profile)
 
 
 def snapshot(model, layers: str) -> dict[tuple[int, str], torch.Tensor]:
