@@ -4,7 +4,7 @@
 # Builds the wheel, creates a venv in a temp dir (torch==2.13.0 first: a bare torch can pull a multi-GB CUDA
 # build), installs the wheel with its dependencies, then from a temp working dir runs sds-run --help, a tiny
 # run (its results.json must say ok, its saved model must carry a model card and load), sds-report on that
-# run and sds-bench --help. PYTHON picks the interpreter of the fresh venv (default python3);
+# run, sds-bench --help and sds-data --help. PYTHON picks the interpreter of the fresh venv (default python3);
 # KEEP=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,4 +66,5 @@ EOF
 "$BIN/sds-report" run --out report >report.log 2>&1 || { tail -20 report.log; exit 1; }
 [ -s report/report.md ] || { echo "wheel check: sds-report wrote no report.md"; exit 1; }
 "$BIN/sds-bench" --help >/dev/null
+"$BIN/sds-data" --help >/dev/null
 echo "wheel check passed in $((SECONDS - start)) s"

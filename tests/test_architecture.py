@@ -15,7 +15,7 @@ LAYERS = [
     {"pruners"},
     {"stages", "eval", "results"},
     {"pipeline", "report", "bench", "launch"},
-    {"cli", "api"},
+    {"cli", "api", "data_fetch"},
 ]
 
 
