@@ -1,4 +1,5 @@
-"""Solvers over the layer-wise objective of Sparse-Dense-Sparse, in second moments only."""
+"""Solvers over the layer-wise objective of Sparse-Dense-Sparse, in second moments only. ``admm`` lives with the
+one-shot pruner of the same name (``pruners/admm.py``), which runs it from the dense weights; it is re-exported here."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sds_cli.sparsity import Pattern, mask_from_scores
+from sds_cli.pruners.admm import RHO_EVERY, admm  # noqa: F401  (re-exported: step 3's adjust)
 
 
 @dataclass(frozen=True)
@@ -136,26 +137,3 @@ def refit(obj: Objective, keep: torch.Tensor, rows: int = 64) -> torch.Tensor:
         x = torch.cholesky_solve(b, factor).squeeze(2).to(out.dtype)
         out[r : r + rows].scatter_(1, order, torch.where(valid, x, 0))
     return out
-
-RHO_EVERY = 2  # admm refactors (G + rho I) only when rho changes
-
-def admm(obj: Objective, w: torch.Tensor, pattern: Pattern, iters: int, rho: float, growth: float) -> torch.Tensor:
-    """min L(W) over weights with the pattern, by ADMM (Boza, arXiv 2401.02938) from ``w``.
-
-    In coordinates W' = W D with D = diag(G)^1/2, so the gram has a unit diagonal and |W'| ranks weights as
-    Wanda's score does. The W-step solves the penalised quadratic exactly with (G' + rho I)^-1, which is
-    what plain projected descent lacks on an ill-conditioned G: one [out, in] x [in, in] product per
-    iteration, like a ``soft`` step, but far lower error at the same count. The Z-step re-chooses the mask
-    from |W' + U|; rho grows geometrically so that the mask settles. Returns Z, which has the pattern."""
-    d = obj.gram.diagonal().clamp_min(1e-12).sqrt()
-    gram, target = obj.gram / d[:, None] / d[None, :], obj.target / d
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    z, u = w * d, torch.zeros_like(w)
-    for k in range(iters):
-        if k % RHO_EVERY == 0:
-            penalty = rho * growth ** (k // RHO_EVERY)
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + penalty * eye))
-        v = (target + penalty * (z - u)) @ inverse + u
-        z = v.masked_fill(mask_from_scores(v.abs(), pattern), 0)
-        u = v - z
-    return z / d
