@@ -26,7 +26,7 @@ def run_cli(tmp_path, *overrides, check=True, code="from sds_cli.cli import main
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # tests never wait on the hub
     proc = subprocess.run([sys.executable, "-c", code, *overrides,
                            f"hydra.run.dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env, check=False)
+                          capture_output=True, text=True, cwd=ROOT, timeout=1800, env=env, check=False)
     results = out / "results.json"
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
