@@ -218,6 +218,7 @@ def sds_stage(run: Run) -> None:
     """Stages 2 and 3: re-dense and re-prune from the one-shot model, evaluated and fingerprinted."""
     cfg = run.cfg
     pruner, redense = unstructured(cfg)
+    run.record.extra["redense_label"] = redense.label  # what ran, in words: the rows of sds-report say it
     with run.record.stage("sds"), run.bar("2-3 dense, sparse: SDS") as advance:
         run.record.layers["sds"] = sds_model(run.lm.model, run.stream, run.dense, pruner, run.pattern, cfg.targets,
                                              redense, lambda i: advance(), run.blocks("sds"),
@@ -315,6 +316,8 @@ def print_summary(record: Record) -> None:
     seconds = {s: record.seconds.get(f"{s}_eval", 0) + record.seconds.get(s, 0) for s in record.metrics}
     console.print(summary(f"{record.config['model']['name']}  {record.config['pruner']['name']}  "
                           f"{record.config['sparsity']}", metrics, seconds))
+    if label := record.extra.get("redense_label"):
+        console.print(f"sds: {label}", highlight=False)
     for stage, cover in record.extra.get("coverage", {}).items():
         console.print(f"{stage}: pruned {cover['pruned_fraction']:.1%} of the blocks' weight matrices "
                       f"({cover['pruned_params']:,} of {cover['block_params']:,} parameters, routers excepted); "

@@ -55,6 +55,8 @@ class Run:
         return f"tyr {kind} {self.cfg('pruner', 'local')} {self.cfg('pruner', 'accumulation')}"
 
     redense = property(lambda self: str(self.cfg("redense", "name")))
+    # what the SDS stage ran, in words (results.json: redense_label), else the preset's name
+    redense_label = property(lambda self: str(self.data.get("redense_label") or self.redense))
     sparsity = property(lambda self: baseline.norm_sparsity(self.cfg("sparsity")))
 
     def value(self, stage: str, key: str) -> float | None:
@@ -181,7 +183,8 @@ def build_table(runs: list[Run], metric: str, paper: bool = False) -> Table:
         ours, pub = r.value(stage, metric), published(r, stage)
         return None if ours is None or pub is None else 100 * (ours / pub - 1)
 
-    columns = [(name, "", lambda r, a=name: getattr(r, a)) for name in ("model", "sparsity", "pruner", "redense")]
+    columns = [(name, "", lambda r, a=name: getattr(r, a)) for name in ("model", "sparsity", "pruner")]
+    columns += [("redense", "", lambda r: r.redense_label)]
     columns += _quantity("", metric, -1, ".2f")
     accuracy = any(r.value(s, "mean_acc") is not None for r in runs for s in STAGES)
     if accuracy:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from sds_cli import launch, report
 from sds_cli.results import dense_cache as baseline
+from sds_cli.stages.redense.stage import RedenseConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).with_name("golden") / "report.md"
@@ -71,12 +72,15 @@ def test_sweep_report_matches_golden(sweep, capsys):
         assert plt.imread(png).shape[0] > 100
 
 
-def fake_run(path: Path, model="opt-125m", pruner="sparsegpt", sparsity="2:4", ppl=(27.8, 61.0, 50.0)):
-    cfg = {"model": {"name": model}, "pruner": {"name": pruner}, "redense": {"name": "sds"}, "sparsity": sparsity,
+def fake_run(path: Path, model="opt-125m", pruner="sparsegpt", sparsity="2:4", ppl=(27.8, 61.0, 50.0),
+             redense="sds_paper"):
+    cfg = {"model": {"name": model}, "pruner": {"name": pruner}, "redense": {"name": redense}, "sparsity": sparsity,
            "calib": {"source": "c4"}, "eval": {"seqlen": 2048}}
     metrics = {stage: {"ppl_wikitext2": v, "mean_acc": 0.5} for stage, v in zip(("dense", "oneshot", "sds"), ppl)}
     path.mkdir(parents=True)
-    (path / "results.json").write_text(json.dumps({"status": "ok", "config": cfg, "metrics": metrics, "layers": {}}))
+    label = RedenseConfig.preset(redense).label
+    (path / "results.json").write_text(json.dumps({"status": "ok", "config": cfg, "metrics": metrics, "layers": {},
+                                                   "redense_label": label}))
 
 
 def test_paper_columns_and_sorting(tmp_path):
@@ -94,6 +98,17 @@ def test_paper_columns_and_sorting(tmp_path):
     assert rows[1]["Δ% one-shot"] == pytest.approx(0.0)
     assert rows[2]["paper dense"] == 22.00 and rows[2]["paper one-shot"] is None
     assert any("2408.10473" in note for note in table.notes)
+    assert first["redense"] == "SDS (paper)"
+
+
+def test_published_sds_numbers_sit_beside_sds_paper_only(tmp_path):
+    """The default (SDS with ADMM adjust) is not the paper's method: no published SDS number beside it, and its
+    row says what ran."""
+    fake_run(tmp_path / "default", redense="sds")
+    row = dict(zip(*[(t := report.build_table(report.load_runs([tmp_path]), "ppl_wikitext2", paper=True)).columns,
+                     t.rows[0]]))
+    assert row["paper one-shot"] == 60.43 and row["paper SDS"] is None
+    assert row["redense"] == "SDS: re-dense + ADMM adjust, sequential, early exit"
 
 
 def test_speedup_columns_from_bench_files_beside_runs(tmp_path):

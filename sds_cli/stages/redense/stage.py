@@ -19,6 +19,7 @@ every iteration (``admm``, the preconditioned form of ``soft``)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from sds_cli.stages.redense.solvers import Descent, Objective, admm, minimize, r
 CHOICES = {"inputs": ("sparse", "dense"), "target": ("dense_weights", "dense_outputs"),
            "optimizer": ("gd", "fista", "adam"), "adjust": ("soft", "admm", "fixed", "refit", "none"),
            "solver": ("closed", "iterate")}
+ADJUST_LABEL = {"admm": "ADMM adjust", "soft": "soft-mask adjust", "fixed": "fixed-mask adjust",
+                "refit": "exact refit", "none": "no adjust"}
 
 
 @dataclass
@@ -62,6 +65,19 @@ class RedenseConfig:
     @classmethod
     def preset(cls, name: str = "sds", **overrides) -> RedenseConfig:
         return cls(**preset("redense", name) | overrides)
+
+    @property
+    def label(self) -> str:
+        """What runs, in words, from the knobs (not the preset's name): rows and records say which parts made a
+        number, e.g. "SDS + ADMM adjust, sequential, early exit"."""
+        if dataclasses.replace(self, name="sds_paper") == RedenseConfig.preset("sds_paper"):
+            return "SDS (paper)"
+        redense = "no re-dense" if self.iters == 0 else "re-dense" + (" with L1/L2" if self.l1 or self.l2 else "")
+        if self.inputs == "dense" or self.target == "dense_outputs":
+            redense += f" ({self.inputs} inputs, {self.target.replace('_', ' ')})"
+        parts = [f"SDS: {redense}", ADJUST_LABEL[self.adjust]]
+        return " + ".join(parts) + "".join(f", {s}" for s, on in (("sequential", self.sequential),
+                                                                   ("early exit", self.early_exit)) if on)
 
     @property
     def descent(self) -> Descent:
