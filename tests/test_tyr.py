@@ -7,7 +7,7 @@ import torch
 from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sds_cli.stages.tyr.local import obs_levels, wanda_levels
+from sds_cli.stages.tyr.local import _prepare, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
@@ -48,6 +48,75 @@ def test_obs_levels_compensate_and_refit_exactly(size):
         gradient = ((levels[r] - w).double() @ h.double())[:, kept]
         assert gradient.abs().max() < 1e-4  # the least-squares optimum on the kept columns
     assert sorted(order.tolist()) == list(range(w.shape[1] // size))
+
+
+def _obs_levels_before_first_order(weight, gram, size, removals, rounds):
+    """obs_levels as it was before ``first_order`` (the OBS term alone), kept to pin the default."""
+    w0, h = _prepare(weight, gram, 0.01)
+    g, n = w0 @ h, w0.shape[1] // size
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u, alive = g @ hinv, torch.ones(n, dtype=torch.bool)
+    per_round, out, removed, order = max(1, -(-max(removals) // rounds)), {}, 0, []
+    for target in sorted(set(removals)):
+        while removed < target:
+            blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))
+            grouped = u.reshape(len(u), n, size)
+            score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
+            score[~alive] = float("inf")
+            pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
+            cols = (pick[:, None] * size + torch.arange(size)).flatten()
+            inv = torch.linalg.inv(hinv[cols][:, cols])
+            u -= u[:, cols] @ inv @ hinv[cols, :]
+            hinv -= hinv[:, cols] @ inv @ hinv[cols, :]
+            hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
+            alive[pick], removed = False, removed + len(pick)
+            order.append(pick)
+        out[target] = (g.float() @ hinv.float()).to(weight.dtype)
+    return out, torch.cat([*order, alive.nonzero().flatten()])
+
+
+@pytest.mark.parametrize("size, removals, rounds", [(1, [0, 8, 16, 24, 40], 4), (8, [1, 2, 3], 1), (1, [5, 30], 16)])
+def test_first_order_off_is_the_obs_term_bit_for_bit(size, removals, rounds):
+    w, h = problem()
+    levels, order = obs_levels(w, h, size, removals, rounds=rounds, first_order=False)
+    want, want_order = _obs_levels_before_first_order(w, h, size, removals, rounds)
+    assert torch.equal(order, want_order) and all(torch.equal(levels[r], want[r]) for r in removals)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_first_order_adds_current_weights_times_dense_correlations(size):
+    """On a small layer with two groups gone, so that the compensated U differs from W0: the score of each
+    alive group S is 1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T) + tr(U_S (W0 H)_S^T), computed here directly."""
+    w0, h = (t.double() for t in problem(out=5, inp=12, tokens=60))
+    g, n = w0 @ h, 12 // size
+    alive = torch.ones(n, dtype=torch.bool)
+    alive[[0, 2]] = False
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[(torch.tensor([0, 2])[:, None] * size + torch.arange(size)).flatten()] = False
+    hinv = torch.zeros(12, 12, dtype=torch.float64)
+    hinv[keep[:, None] & keep] = torch.linalg.inv(h[keep][:, keep]).flatten()  # H_alive^-1, zero elsewhere
+    u = g @ hinv  # the compensated optimum on the alive columns
+    assert not torch.allclose(u, w0)
+    second, both = _score(u, hinv, g, alive, size, False), _score(u, hinv, g, alive, size, True)
+    for s in alive.nonzero().flatten().tolist():
+        cols = slice(s * size, (s + 1) * size)
+        obs = 0.5 * torch.trace(u[:, cols] @ torch.linalg.inv(hinv[cols, cols]) @ u[:, cols].T)
+        first = (u[:, cols] * g[:, cols]).sum()
+        assert second[s].item() == pytest.approx(obs.item(), rel=1e-10)
+        assert both[s].item() == pytest.approx((obs + first).item(), rel=1e-10)
+        assert first.abs() > 1e-6  # so the two scores differ
+    assert torch.isinf(both[~alive]).all()
+
+
+def test_first_order_changes_the_removal_path_and_still_refits_exactly():
+    w, h = problem()
+    _, plain_order = obs_levels(w, h, 1, [24], rounds=6, percdamp=0.0)
+    levels, order = obs_levels(w, h, 1, [24], rounds=6, percdamp=0.0, first_order=True)
+    assert not torch.equal(order[:24].sort().values, plain_order[:24].sort().values)
+    gradient = ((levels[24] - w).double() @ h.double())[:, order[24:]]
+    assert gradient.abs().max() < 1e-4  # each level is still the least-squares refit of its kept columns
+    assert TyrConfig.preset().first_order is False and TyrConfig.preset("tyr-paper").first_order is True
 
 
 def test_everything_removed_leaves_zeros():

@@ -1,7 +1,7 @@
 """Týr-the-Pruner (Li et al., NeurIPS 2025): structured pruning with a searched per-layer sparsity.
 
 1. Supernet: every layer (a block's attention heads, its FFN channels) is pruned by the local pruner
-   (``pruners/tyr.py``) at several levels around its current count; the next block sees the
+   (``local.py``) at several levels around its current count; the next block sees the
    candidates' outputs mixed by density (expectation error accumulation, the paper's Eq. 5), the
    median candidate's (the reference code), or the dense layer's (``accumulation: off``).
 2. Search: an evolutionary search over per-layer levels; a mutation moves one level step from one
@@ -41,6 +41,7 @@ class TyrConfig:
     name: str
     search: bool
     local: str
+    first_order: bool
     accumulation: str
     levels: int
     step: float
@@ -138,7 +139,7 @@ class SupernetStage(BlockStage):
             dense = linear.weight.data.clone()
             removals = [net.removed(kind, i, k) for k in net.offsets[kind][i]]
             weights, order = local(dense, gram, geo.group[kind], removals, rounds=cfg.rounds[kind],
-                                   percdamp=cfg.percdamp)
+                                   percdamp=cfg.percdamp, first_order=cfg.first_order)
             net.weights[(i, kind)], net.order[(i, kind)] = weights, order
             linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
             errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
