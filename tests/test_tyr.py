@@ -7,6 +7,7 @@ import torch
 from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sds_cli.errors import ConfigError
 from sds_cli.stages.tyr.local import _prepare, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
@@ -119,6 +120,37 @@ def test_first_order_changes_the_removal_path_and_still_refits_exactly():
     assert TyrConfig.preset().first_order is False and TyrConfig.preset("tyr-paper").first_order is True
 
 
+@pytest.mark.parametrize("rounds, per_round, want", [(4, None, 5), (16, None, 14), (1, None, 2), (4, 16, 3),
+                                                      (4, 1, 40), (4, 40, 2)])
+def test_elimination_rounds_follow_rounds_or_progressive(monkeypatch, rounds, per_round, want):
+    """Levels 16 and 40 of 48 channels: ``rounds`` sets ceil(40 / rounds) channels per round, ``per_round``
+    (pruner.progressive) the count itself; a level's end cuts a round short (rounds=4: 10 + 6, 10 + 10 + 4)."""
+    from sds_cli.stages.tyr import local
+
+    calls = []
+    monkeypatch.setattr(local, "_score", lambda *a: calls.append(1) or _score(*a))
+    w, h = problem()
+    levels, _ = obs_levels(w, h, 1, [16, 40], rounds=rounds, per_round=per_round)
+    assert len(calls) == want
+    assert all((levels[r].abs().sum(0) == 0).sum() == r for r in (16, 40))
+
+
+def test_progressive_reaches_the_local_pruner_per_kind(monkeypatch):
+    """pruner.progressive as each layer's per-round count (one head, 16 channels in pruner=tyr-paper)."""
+    from sds_cli.engine.stream import capture
+    from sds_cli.stages.tyr import search
+
+    seen = []
+    monkeypatch.setitem(search.LOCAL, "obs", lambda *a, **kw: seen.append(kw["per_round"]) or obs_levels(*a, **kw))
+    model, ids = tiny(num_hidden_layers=1), torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    geo, cfg = geometry(model), TyrConfig.preset("tyr-paper", min_channels=4)
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], 1) for k in KINDS}, 0)
+    search.build_supernet(model, capture(model, ids, 2, "cpu", False), net, cfg, geo, lambda i: None)
+    assert seen == [1, 16] and TyrConfig.preset().progressive == {"attention": None, "ffn": None}
+    with pytest.raises(ConfigError, match="progressive"):
+        TyrConfig.preset(progressive={"attention": 0, "ffn": 16})
+
+
 def test_everything_removed_leaves_zeros():
     w, h = problem()
     levels, _ = obs_levels(w, h, 8, [6])
@@ -196,8 +228,6 @@ def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_pat
 
 
 def test_other_families_are_refused_in_one_line():
-    from sds_cli.errors import ConfigError
-
     opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32))

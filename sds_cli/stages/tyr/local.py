@@ -51,17 +51,20 @@ def _score(u: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor, alive: torch.Te
 
 
 def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: list[int], rounds: int = 16,
-               percdamp: float = 0.01, first_order: bool = False) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+               percdamp: float = 0.01, first_order: bool = False,
+               per_round: int | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """``weight`` [out, in] with each count in ``removals`` of its ``size``-column groups removed and the
-    rest compensated, and the order of removal (the groups never removed last); the deepest level is
-    reached in at most ``rounds`` elimination rounds."""
+    rest compensated, and the order of removal (the groups never removed last). Each elimination round
+    removes ``per_round`` groups, or without it ceil(deepest level / ``rounds``), fewer where a level ends
+    (so ``rounds`` plus up to one round per shallower level): finer rounds rescore after each downdate,
+    coarser ones cost less."""
     w0, h = _prepare(weight, gram, percdamp)
     g = w0 @ h
     n = w0.shape[1] // size
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
     alive = torch.ones(n, dtype=torch.bool, device=w0.device)
-    per_round = max(1, math.ceil(max(removals) / rounds))
+    per_round = per_round or max(1, math.ceil(max(removals) / rounds))
     out, removed, order = {}, 0, []
     for target in sorted(set(removals)):
         while removed < target:

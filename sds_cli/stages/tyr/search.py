@@ -47,6 +47,7 @@ class TyrConfig:
     step: float
     min_channels: int
     rounds: dict
+    progressive: dict
     percdamp: float
     iterations: int
     generations: int
@@ -66,6 +67,8 @@ class TyrConfig:
             raise ConfigError(f"pruner.accumulation={self.accumulation!r}; choose one of: {', '.join(ACCUMULATION)}")
         if self.levels < 1 or self.iterations < 1 or not 0 < self.step <= 1:
             raise ConfigError("pruner.levels and pruner.iterations must be >= 1 and pruner.step in (0, 1]")
+        if any(v is not None and (not isinstance(v, int) or v < 1) for v in self.progressive.values()):
+            raise ConfigError("pruner.progressive: structures removed per elimination round, >= 1 (or null)")
         if not self.selection or self.selection[-1][0] != 1 or any(s < 1 or t < 1 for s, t in self.selection):
             raise ConfigError("pruner.selection must be [[survivors, tokens], ...] ending in one survivor")
 
@@ -139,7 +142,8 @@ class SupernetStage(BlockStage):
             dense = linear.weight.data.clone()
             removals = [net.removed(kind, i, k) for k in net.offsets[kind][i]]
             weights, order = local(dense, gram, geo.group[kind], removals, rounds=cfg.rounds[kind],
-                                   percdamp=cfg.percdamp, first_order=cfg.first_order)
+                                   percdamp=cfg.percdamp, first_order=cfg.first_order,
+                                   per_round=cfg.progressive[kind])
             net.weights[(i, kind)], net.order[(i, kind)] = weights, order
             linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
             errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
