@@ -1,6 +1,7 @@
 """Týr-the-Pruner: the local structured pruner, the budget, the search's mutations, the physically
 smaller model and its reload, and the CLI end to end on a tiny random Llama."""
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sds_cli.errors import ConfigError
+from sds_cli.stages.tyr import search
 from sds_cli.stages.tyr.local import _prepare, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
@@ -138,7 +140,6 @@ def test_elimination_rounds_follow_rounds_or_progressive(monkeypatch, rounds, pe
 def test_progressive_reaches_the_local_pruner_per_kind(monkeypatch):
     """pruner.progressive as each layer's per-round count (one head, 16 channels in pruner=tyr-paper)."""
     from sds_cli.engine.stream import capture
-    from sds_cli.stages.tyr import search
 
     seen = []
     monkeypatch.setitem(search.LOCAL, "obs", lambda *a, **kw: seen.append(kw["per_round"]) or obs_levels(*a, **kw))
@@ -182,6 +183,35 @@ def test_mutations_keep_each_budget_and_stay_on_the_supernet():
         for kind in KINDS:
             assert sum(child[kind]) == 0
             assert all(k in net.offsets[kind][i] for i, k in enumerate(child[kind]))
+
+
+@pytest.mark.parametrize("layers, levels, reason", [(1, 9, "one decoder layer"), (3, 1, "one level per layer")])
+def test_search_without_a_possible_mutation_keeps_the_centers(layers, levels, reason):
+    """Once an IndexError: no child, so the first of two selection stages ranked nothing."""
+    model, ids = tiny(num_hidden_layers=layers), torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    geo = geometry(model)
+    cfg = TyrConfig.preset(levels=levels, min_channels=4, generations=2, offspring=4, selection=[[2, 8], [1, 16]])
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], layers) for k in KINDS}, 0)
+    centers = {k: [0] * layers for k in KINDS}
+    assert reason in search.stuck(net, centers) and _mutate(centers, net, random.Random(0)) is None
+    state, history = search.evolve(model, net, search.Fitness(model, ids, 8, "cpu"), cfg, random.Random(0), lambda: None)
+    assert state == centers and history == []
+    assert search.stuck(plan(TyrConfig.preset(min_channels=4), geometry(tiny()), {k: [1, 1, 1] for k in KINDS}, 0),
+                        {k: [0, 0, 0] for k in KINDS}) is None
+
+
+def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why():
+    @contextmanager
+    def bar(description, total):
+        yield lambda n=1: None
+
+    model, calib = tiny(num_hidden_layers=1), torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TyrConfig.preset(min_channels=4, generations=2, offspring=4, selection=[[2, 8], [1, 16]], search_windows=2)
+    geo = geometry(model)
+    out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar)["extra"]
+    assert [it["skipped"] for it in out["iterations"]] == ["one decoder layer: no budget can move between layers"] * 2
+    kept = out["distribution"][0]
+    assert kept["heads_kept"] == 3 and kept["channels_kept"] == 96 - round(budget(0.5, geo)["ffn"] * 96)  # the centers
 
 
 def test_expectation_mixes_candidates_by_density():

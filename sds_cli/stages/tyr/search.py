@@ -203,10 +203,13 @@ def apply(model, net: Supernet, state: dict[str, list[int]]) -> None:
 
 def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.Random,
            progress: Callable[[], None]) -> tuple[dict[str, list[int]], list[float]]:
-    """The evolutionary search over level offsets; returns the best state and its fitness per generation."""
+    """The evolutionary search over level offsets; returns the best state and its fitness per generation
+    (the centers and no generation where no mutation is possible, ``stuck``)."""
     layers = len(net.centers["attention"])
     parent = {kind: [0] * layers for kind in KINDS}
     history = []
+    if stuck(net, parent):
+        return parent, history
     for _ in range(cfg.generations):
         children = []
         for _ in range(50 * cfg.offspring):
@@ -217,8 +220,8 @@ def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.R
                 children.append(child)
         best = float("nan")
         for s, (survivors, tokens) in enumerate(cfg.selection):
-            if s == len(cfg.selection) - 1 and parent not in children:
-                children.append(parent)  # elitism: the parent competes in the final stage
+            if (s == len(cfg.selection) - 1 or not children) and parent not in children:
+                children.append(parent)  # elitism: the parent competes in the final stage (or alone)
             picks = rng.sample(range(len(fitness.windows)), len(fitness.windows))
             scores = []
             for child in children:
@@ -230,6 +233,19 @@ def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.R
         history.append(best)
         progress()
     return parent, history
+
+
+def stuck(net: Supernet, state: dict[str, list[int]]) -> str | None:
+    """Why no mutation can leave ``state``, or None: one needs, in one kind, a layer that can go a level down
+    and another that can go a level up. From a state that can move, every state reached can move back."""
+    for kind in KINDS:
+        lower = {i for i, k in enumerate(state[kind]) if k - 1 in net.offsets[kind][i]}
+        higher = {i for i, k in enumerate(state[kind]) if k + 1 in net.offsets[kind][i]}
+        if lower and higher and len(lower | higher) > 1:
+            return None
+    if len(state["attention"]) == 1:
+        return "one decoder layer: no budget can move between layers"
+    return "no layer can pass a level step to another (one level per layer: pruner.levels=1, or no room)"
 
 
 def _mutate(parent: dict[str, list[int]], net: Supernet, rng: random.Random) -> dict[str, list[int]] | None:
@@ -278,7 +294,11 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
             del stream
         state = {kind: [0] * len(layers) for kind in KINDS}
         entry = {"spacing": dict(net.spacing), "fitness": []}
-        if cfg.search:
+        if cfg.search and (reason := stuck(net, state)):
+            entry["skipped"] = reason  # the centers stand
+            with bar(f"Týr search {t + 1}: skipped, {reason}", 1) as advance:
+                advance()
+        elif cfg.search:
             model.to(device)
             with bar(f"Týr search {t + 1}: {cfg.generations} generations", cfg.generations) as advance:
                 state, entry["fitness"] = evolve(model, net, fitness, cfg, rng, advance)
