@@ -2,6 +2,7 @@
 smaller model and its reload, and the CLI end to end on a tiny random Llama."""
 import random
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,6 +280,7 @@ def test_tyr_end_to_end_yields_a_smaller_model_that_reloads(run_main, tmp_path):
     assert results["config"]["redense"]["name"] == "none"  # implied
     model = load_pruned(results["saved"]["model"])
     assert sum(p.numel() for p in model.model.layers.parameters()) == tyr["block_params"]["pruned"]
+    assert (Path(results["saved"]["model"]) / "modeling_tyr.py").exists()  # from_pretrained(trust_remote_code=True)
 
 
 @pytest.mark.parametrize("args, message", [
