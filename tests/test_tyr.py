@@ -1,13 +1,17 @@
 """Týr-the-Pruner: the local structured pruner, the budget, the search's mutations, the physically
 smaller model and its reload, and the CLI end to end on a tiny random Llama."""
 import random
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from sds_cli.stages.tyr.local import obs_levels, wanda_levels
+from sds_cli.errors import ConfigError
+from sds_cli.stages.tyr import search
+from sds_cli.stages.tyr.local import _prepare, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
@@ -50,6 +54,105 @@ def test_obs_levels_compensate_and_refit_exactly(size):
     assert sorted(order.tolist()) == list(range(w.shape[1] // size))
 
 
+def _obs_levels_before_first_order(weight, gram, size, removals, rounds):
+    """obs_levels as it was before ``first_order`` (the OBS term alone), kept to pin the default."""
+    w0, h = _prepare(weight, gram, 0.01)
+    g, n = w0 @ h, w0.shape[1] // size
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    u, alive = g @ hinv, torch.ones(n, dtype=torch.bool)
+    per_round, out, removed, order = max(1, -(-max(removals) // rounds)), {}, 0, []
+    for target in sorted(set(removals)):
+        while removed < target:
+            blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+            blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))
+            grouped = u.reshape(len(u), n, size)
+            score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
+            score[~alive] = float("inf")
+            pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
+            cols = (pick[:, None] * size + torch.arange(size)).flatten()
+            inv = torch.linalg.inv(hinv[cols][:, cols])
+            u -= u[:, cols] @ inv @ hinv[cols, :]
+            hinv -= hinv[:, cols] @ inv @ hinv[cols, :]
+            hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
+            alive[pick], removed = False, removed + len(pick)
+            order.append(pick)
+        out[target] = (g.float() @ hinv.float()).to(weight.dtype)
+    return out, torch.cat([*order, alive.nonzero().flatten()])
+
+
+@pytest.mark.parametrize("size, removals, rounds", [(1, [0, 8, 16, 24, 40], 4), (8, [1, 2, 3], 1), (1, [5, 30], 16)])
+def test_first_order_off_is_the_obs_term_bit_for_bit(size, removals, rounds):
+    w, h = problem()
+    levels, order = obs_levels(w, h, size, removals, rounds=rounds, first_order=False)
+    want, want_order = _obs_levels_before_first_order(w, h, size, removals, rounds)
+    assert torch.equal(order, want_order) and all(torch.equal(levels[r], want[r]) for r in removals)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_first_order_adds_current_weights_times_dense_correlations(size):
+    """On a small layer with two groups gone, so that the compensated U differs from W0: the score of each
+    alive group S is 1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T) + tr(U_S (W0 H)_S^T), computed here directly."""
+    w0, h = (t.double() for t in problem(out=5, inp=12, tokens=60))
+    g, n = w0 @ h, 12 // size
+    alive = torch.ones(n, dtype=torch.bool)
+    alive[[0, 2]] = False
+    keep = torch.ones(12, dtype=torch.bool)
+    keep[(torch.tensor([0, 2])[:, None] * size + torch.arange(size)).flatten()] = False
+    hinv = torch.zeros(12, 12, dtype=torch.float64)
+    hinv[keep[:, None] & keep] = torch.linalg.inv(h[keep][:, keep]).flatten()  # H_alive^-1, zero elsewhere
+    u = g @ hinv  # the compensated optimum on the alive columns
+    assert not torch.allclose(u, w0)
+    second, both = _score(u, hinv, g, alive, size, False), _score(u, hinv, g, alive, size, True)
+    for s in alive.nonzero().flatten().tolist():
+        cols = slice(s * size, (s + 1) * size)
+        obs = 0.5 * torch.trace(u[:, cols] @ torch.linalg.inv(hinv[cols, cols]) @ u[:, cols].T)
+        first = (u[:, cols] * g[:, cols]).sum()
+        assert second[s].item() == pytest.approx(obs.item(), rel=1e-10)
+        assert both[s].item() == pytest.approx((obs + first).item(), rel=1e-10)
+        assert first.abs() > 1e-6  # so the two scores differ
+    assert torch.isinf(both[~alive]).all()
+
+
+def test_first_order_changes_the_removal_path_and_still_refits_exactly():
+    w, h = problem()
+    _, plain_order = obs_levels(w, h, 1, [24], rounds=6, percdamp=0.0)
+    levels, order = obs_levels(w, h, 1, [24], rounds=6, percdamp=0.0, first_order=True)
+    assert not torch.equal(order[:24].sort().values, plain_order[:24].sort().values)
+    gradient = ((levels[24] - w).double() @ h.double())[:, order[24:]]
+    assert gradient.abs().max() < 1e-4  # each level is still the least-squares refit of its kept columns
+    assert TyrConfig.preset().first_order is False and TyrConfig.preset("tyr-paper").first_order is True
+
+
+@pytest.mark.parametrize("rounds, per_round, want", [(4, None, 5), (16, None, 14), (1, None, 2), (4, 16, 3),
+                                                      (4, 1, 40), (4, 40, 2)])
+def test_elimination_rounds_follow_rounds_or_progressive(monkeypatch, rounds, per_round, want):
+    """Levels 16 and 40 of 48 channels: ``rounds`` sets ceil(40 / rounds) channels per round, ``per_round``
+    (pruner.progressive) the count itself; a level's end cuts a round short (rounds=4: 10 + 6, 10 + 10 + 4)."""
+    from sds_cli.stages.tyr import local
+
+    calls = []
+    monkeypatch.setattr(local, "_score", lambda *a: calls.append(1) or _score(*a))
+    w, h = problem()
+    levels, _ = obs_levels(w, h, 1, [16, 40], rounds=rounds, per_round=per_round)
+    assert len(calls) == want
+    assert all((levels[r].abs().sum(0) == 0).sum() == r for r in (16, 40))
+
+
+def test_progressive_reaches_the_local_pruner_per_kind(monkeypatch):
+    """pruner.progressive as each layer's per-round count (one head, 16 channels in pruner=tyr-paper)."""
+    from sds_cli.engine.stream import capture
+
+    seen = []
+    monkeypatch.setitem(search.LOCAL, "obs", lambda *a, **kw: seen.append(kw["per_round"]) or obs_levels(*a, **kw))
+    model, ids = tiny(num_hidden_layers=1), torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    geo, cfg = geometry(model), TyrConfig.preset("tyr-paper", min_channels=4)
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], 1) for k in KINDS}, 0)
+    search.build_supernet(model, capture(model, ids, 2, "cpu", False), net, cfg, geo, lambda i: None)
+    assert seen == [1, 16] and TyrConfig.preset().progressive == {"attention": None, "ffn": None}
+    with pytest.raises(ConfigError, match="progressive"):
+        TyrConfig.preset(progressive={"attention": 0, "ffn": 16})
+
+
 def test_everything_removed_leaves_zeros():
     w, h = problem()
     levels, _ = obs_levels(w, h, 8, [6])
@@ -81,6 +184,35 @@ def test_mutations_keep_each_budget_and_stay_on_the_supernet():
         for kind in KINDS:
             assert sum(child[kind]) == 0
             assert all(k in net.offsets[kind][i] for i, k in enumerate(child[kind]))
+
+
+@pytest.mark.parametrize("layers, levels, reason", [(1, 9, "one decoder layer"), (3, 1, "one level per layer")])
+def test_search_without_a_possible_mutation_keeps_the_centers(layers, levels, reason):
+    """Once an IndexError: no child, so the first of two selection stages ranked nothing."""
+    model, ids = tiny(num_hidden_layers=layers), torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))
+    geo = geometry(model)
+    cfg = TyrConfig.preset(levels=levels, min_channels=4, generations=2, offspring=4, selection=[[2, 8], [1, 16]])
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], layers) for k in KINDS}, 0)
+    centers = {k: [0] * layers for k in KINDS}
+    assert reason in search.stuck(net, centers) and _mutate(centers, net, random.Random(0)) is None
+    state, history = search.evolve(model, net, search.Fitness(model, ids, 8, "cpu"), cfg, random.Random(0), lambda: None)
+    assert state == centers and history == []
+    assert search.stuck(plan(TyrConfig.preset(min_channels=4), geometry(tiny()), {k: [1, 1, 1] for k in KINDS}, 0),
+                        {k: [0, 0, 0] for k in KINDS}) is None
+
+
+def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why():
+    @contextmanager
+    def bar(description, total):
+        yield lambda n=1: None
+
+    model, calib = tiny(num_hidden_layers=1), torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TyrConfig.preset(min_channels=4, generations=2, offspring=4, selection=[[2, 8], [1, 16]], search_windows=2)
+    geo = geometry(model)
+    out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar)["extra"]
+    assert [it["skipped"] for it in out["iterations"]] == ["one decoder layer: no budget can move between layers"] * 2
+    kept = out["distribution"][0]
+    assert kept["heads_kept"] == 3 and kept["channels_kept"] == 96 - round(budget(0.5, geo)["ffn"] * 96)  # the centers
 
 
 def test_expectation_mixes_candidates_by_density():
@@ -127,8 +259,6 @@ def test_the_smaller_model_computes_what_the_zeroed_one_does_and_reloads(tmp_pat
 
 
 def test_other_families_are_refused_in_one_line():
-    from sds_cli.errors import ConfigError
-
     opt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32))
@@ -150,6 +280,7 @@ def test_tyr_end_to_end_yields_a_smaller_model_that_reloads(run_main, tmp_path):
     assert results["config"]["redense"]["name"] == "none"  # implied
     model = load_pruned(results["saved"]["model"])
     assert sum(p.numel() for p in model.model.layers.parameters()) == tyr["block_params"]["pruned"]
+    assert (Path(results["saved"]["model"]) / "modeling_tyr.py").exists()  # from_pretrained(trust_remote_code=True)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,13 +2,17 @@
 output linear (an attention head's columns of o_proj, an FFN channel's column of down_proj) and
 compensate the kept columns, so that W X stays close to the dense W0 X on the calibration inputs.
 
-Greedy backward elimination on the quadratic ||(W - W0) X||^2 = tr((W - W0) H (W - W0)^T): each round
-takes the Newton step from the current weights to the optimum on the columns still alive,
-U = G H_alive^-1 with G = W0 H (its first- and second-order terms), scores every alive group S by
-the loss its removal costs with optimal compensation, 1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T), removes the
-lowest ones, and downdates H_alive^-1 (a Schur complement) and U (the OBS update). The removal order
-is one path, so every level of the supernet is a prefix of it; each level ends with the least-squares
-refit of its kept columns, G_K H_KK^-1, read off the downdated inverse. A Wanda-style score without compensation is the simple structured baseline."""
+Greedy backward elimination on the quadratic ||(W - W0) X||^2 = tr((W - W0) H (W - W0)^T). U, the optimum
+on the columns still alive (G H_alive^-1 with G = W0 H), starts at W0. Each round scores every alive
+group S by the loss its removal costs with optimal compensation of the rest (the OBS term),
+1/2 tr(U_S [H_alive^-1]_SS^-1 U_S^T), with ``first_order`` plus tr(U_S G_S^T), the first-order term of
+the paper's Eq. 4 as the reference code forms it (G at the dense W0, U current). The gradient of the
+quadratic vanishes on the alive columns at U, so that term is not the quadratic's own first-order change:
+it is U_S's inner product with the dense output's correlations, and it keeps groups that carry much of
+the dense output. The lowest groups go, and H_alive^-1 (a Schur complement) and U (the OBS update) are
+downdated. The removal order is one path, so every level of the supernet is a prefix of it; each level
+ends with the least-squares refit of its kept columns, G_K H_KK^-1, read off the downdated inverse.
+A Wanda-style score without compensation is the simple structured baseline."""
 from __future__ import annotations
 
 import math
@@ -32,26 +36,39 @@ def _columns(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
 
 
+def _score(u: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor, alive: torch.Tensor, size: int,
+           first_order: bool) -> torch.Tensor:
+    """Each group's removal cost (the module's docstring); inf for groups already removed."""
+    n = len(alive)
+    blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+    blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
+    grouped = u.reshape(len(u), n, size)
+    score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
+    if first_order:
+        score += (grouped * g.reshape(len(g), n, size)).sum((0, 2))
+    score[~alive] = math.inf
+    return score
+
+
 def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: list[int], rounds: int = 16,
-               percdamp: float = 0.01) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+               percdamp: float = 0.01, first_order: bool = False,
+               per_round: int | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """``weight`` [out, in] with each count in ``removals`` of its ``size``-column groups removed and the
-    rest compensated, and the order of removal (the groups never removed last); the deepest level is
-    reached in at most ``rounds`` elimination rounds."""
+    rest compensated, and the order of removal (the groups never removed last). Each elimination round
+    removes ``per_round`` groups, or without it ceil(deepest level / ``rounds``), fewer where a level ends
+    (so ``rounds`` plus up to one round per shallower level): finer rounds rescore after each downdate,
+    coarser ones cost less."""
     w0, h = _prepare(weight, gram, percdamp)
     g = w0 @ h
     n = w0.shape[1] // size
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
     alive = torch.ones(n, dtype=torch.bool, device=w0.device)
-    per_round = max(1, math.ceil(max(removals) / rounds))
+    per_round = per_round or max(1, math.ceil(max(removals) / rounds))
     out, removed, order = {}, 0, []
     for target in sorted(set(removals)):
         while removed < target:
-            blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
-            grouped = u.reshape(len(u), n, size)
-            score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
-            score[~alive] = math.inf
+            score = _score(u, hinv, g, alive, size, first_order)
             pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
             cols = _columns(pick, size)
             inv = torch.linalg.inv(hinv[cols][:, cols])

@@ -1,7 +1,7 @@
 """Týr-the-Pruner (Li et al., NeurIPS 2025): structured pruning with a searched per-layer sparsity.
 
 1. Supernet: every layer (a block's attention heads, its FFN channels) is pruned by the local pruner
-   (``pruners/tyr.py``) at several levels around its current count; the next block sees the
+   (``local.py``) at several levels around its current count; the next block sees the
    candidates' outputs mixed by density (expectation error accumulation, the paper's Eq. 5), the
    median candidate's (the reference code), or the dense layer's (``accumulation: off``).
 2. Search: an evolutionary search over per-layer levels; a mutation moves one level step from one
@@ -41,11 +41,13 @@ class TyrConfig:
     name: str
     search: bool
     local: str
+    first_order: bool
     accumulation: str
     levels: int
     step: float
     min_channels: int
     rounds: dict
+    progressive: dict
     percdamp: float
     iterations: int
     generations: int
@@ -65,6 +67,8 @@ class TyrConfig:
             raise ConfigError(f"pruner.accumulation={self.accumulation!r}; choose one of: {', '.join(ACCUMULATION)}")
         if self.levels < 1 or self.iterations < 1 or not 0 < self.step <= 1:
             raise ConfigError("pruner.levels and pruner.iterations must be >= 1 and pruner.step in (0, 1]")
+        if any(v is not None and (not isinstance(v, int) or v < 1) for v in self.progressive.values()):
+            raise ConfigError("pruner.progressive: structures removed per elimination round, >= 1 (or null)")
         if not self.selection or self.selection[-1][0] != 1 or any(s < 1 or t < 1 for s, t in self.selection):
             raise ConfigError("pruner.selection must be [[survivors, tokens], ...] ending in one survivor")
 
@@ -138,7 +142,8 @@ class SupernetStage(BlockStage):
             dense = linear.weight.data.clone()
             removals = [net.removed(kind, i, k) for k in net.offsets[kind][i]]
             weights, order = local(dense, gram, geo.group[kind], removals, rounds=cfg.rounds[kind],
-                                   percdamp=cfg.percdamp)
+                                   percdamp=cfg.percdamp, first_order=cfg.first_order,
+                                   per_round=cfg.progressive[kind])
             net.weights[(i, kind)], net.order[(i, kind)] = weights, order
             linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
             errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
@@ -198,10 +203,13 @@ def apply(model, net: Supernet, state: dict[str, list[int]]) -> None:
 
 def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.Random,
            progress: Callable[[], None]) -> tuple[dict[str, list[int]], list[float]]:
-    """The evolutionary search over level offsets; returns the best state and its fitness per generation."""
+    """The evolutionary search over level offsets; returns the best state and its fitness per generation
+    (the centers and no generation where no mutation is possible, ``stuck``)."""
     layers = len(net.centers["attention"])
     parent = {kind: [0] * layers for kind in KINDS}
     history = []
+    if stuck(net, parent):
+        return parent, history
     for _ in range(cfg.generations):
         children = []
         for _ in range(50 * cfg.offspring):
@@ -212,8 +220,8 @@ def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.R
                 children.append(child)
         best = float("nan")
         for s, (survivors, tokens) in enumerate(cfg.selection):
-            if s == len(cfg.selection) - 1 and parent not in children:
-                children.append(parent)  # elitism: the parent competes in the final stage
+            if (s == len(cfg.selection) - 1 or not children) and parent not in children:
+                children.append(parent)  # elitism: the parent competes in the final stage (or alone)
             picks = rng.sample(range(len(fitness.windows)), len(fitness.windows))
             scores = []
             for child in children:
@@ -225,6 +233,19 @@ def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.R
         history.append(best)
         progress()
     return parent, history
+
+
+def stuck(net: Supernet, state: dict[str, list[int]]) -> str | None:
+    """Why no mutation can leave ``state``, or None: one needs, in one kind, a layer that can go a level down
+    and another that can go a level up. From a state that can move, every state reached can move back."""
+    for kind in KINDS:
+        lower = {i for i, k in enumerate(state[kind]) if k - 1 in net.offsets[kind][i]}
+        higher = {i for i, k in enumerate(state[kind]) if k + 1 in net.offsets[kind][i]}
+        if lower and higher and len(lower | higher) > 1:
+            return None
+    if len(state["attention"]) == 1:
+        return "one decoder layer: no budget can move between layers"
+    return "no layer can pass a level step to another (one level per layer: pruner.levels=1, or no room)"
 
 
 def _mutate(parent: dict[str, list[int]], net: Supernet, rng: random.Random) -> dict[str, list[int]] | None:
@@ -273,7 +294,11 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
             del stream
         state = {kind: [0] * len(layers) for kind in KINDS}
         entry = {"spacing": dict(net.spacing), "fitness": []}
-        if cfg.search:
+        if cfg.search and (reason := stuck(net, state)):
+            entry["skipped"] = reason  # the centers stand
+            with bar(f"Týr search {t + 1}: skipped, {reason}", 1) as advance:
+                advance()
+        elif cfg.search:
             model.to(device)
             with bar(f"Týr search {t + 1}: {cfg.generations} generations", cfg.generations) as advance:
                 state, entry["fitness"] = evolve(model, net, fitness, cfg, rng, advance)

@@ -5,9 +5,11 @@ goes when no kept query head reads it) or an FFN channel (its rows of gate_proj/
 column of down_proj). Removing them leaves a smaller dense model. Transformers' attention infers the
 head count from q_proj's width, so per-block head counts only need ``num_key_value_groups`` set per
 block. A block whose kept query heads read their key/value heads unevenly keeps k_proj/v_proj over the
-key/value heads still read and hands each query head its own by indexing (``_PerHead``), so no weight is
-copied and the removed parameters are exactly the budgeted ones. The kept indices go into ``config.json`` (``pruned_structure``) so that ``load_pruned``
-rebuilds the same smaller model from a saved directory."""
+key/value heads still read and hands each query head its own by indexing (``PerHead``), so no weight is
+copied and the removed parameters are exactly the budgeted ones. The cutting lives in the self-contained
+``modeling_tyr.py``, which ``save_pretrained`` copies beside the weights. The kept indices go into
+``config.json`` (``pruned_structure``), so that ``load_pruned``, and ``from_pretrained`` with
+``trust_remote_code=True``, rebuild the same smaller model from a saved directory."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -80,69 +82,20 @@ class Kept:
     channels: list[int]
 
 
-class _NoAttention(nn.Module):
-    """A block whose every head was removed keeps only its residual path around attention."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states), None
-
-
-class _PerHead(nn.Module):
-    """k_proj or v_proj of a block with uneven query groups: the kept key/value heads' projection, then
-    one key/value head per kept query head, selected by index (what ``repeat_kv`` does for even groups)."""
-
-    def __init__(self, linear: nn.Linear, index: list[int], head_dim: int):
-        super().__init__()
-        self.linear, self.head_dim = linear, head_dim
-        self.register_buffer("index", torch.tensor(index, dtype=torch.long, device=linear.weight.device),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = self.linear(x).unflatten(-1, (-1, self.head_dim))
-        return heads.index_select(-2, self.index).flatten(-2)
-
-
-def _rows(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    return _linear(linear.weight[index], None if linear.bias is None else linear.bias[index])
-
-
-def _cols(linear: nn.Linear, index: torch.Tensor) -> nn.Linear:
-    return _linear(linear.weight[:, index], linear.bias)
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    out.weight.data = weight.detach().clone()
-    if bias is not None:
-        out.bias.data = bias.detach().clone()
-    return out.requires_grad_(False)
-
-
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + d for h in heads for d in range(head_dim)], dtype=torch.long)
-
-
 def shrink_block(block: nn.Module, kept: Kept, geo: Geometry) -> None:
     """Remove the structures ``kept`` does not name from ``block``, in place."""
-    attn, mlp = block.self_attn, block.mlp
-    if not kept.heads:
-        block.self_attn = _NoAttention()
-    else:
-        per_kv = geo.heads // geo.kv_heads
-        readers = [h // per_kv for h in kept.heads]  # the key/value head each kept query head reads
-        kv = sorted(set(readers))
-        rows, kv_rows = _head_rows(kept.heads, geo.head_dim), _head_rows(kv, geo.head_dim)
-        attn.q_proj, attn.o_proj = _rows(attn.q_proj, rows), _cols(attn.o_proj, rows)
-        attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv_rows), _rows(attn.v_proj, kv_rows)
-        attn.num_key_value_groups = len(kept.heads) // len(kv)
-        if len({readers.count(h) for h in kv}) > 1:
-            index = [kv.index(h) for h in readers]
-            attn.k_proj, attn.v_proj = (_PerHead(attn.k_proj, index, geo.head_dim),
-                                        _PerHead(attn.v_proj, index, geo.head_dim))
-            attn.num_key_value_groups = 1
-    channels = torch.tensor(kept.channels, dtype=torch.long)
-    mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, channels), _rows(mlp.up_proj, channels)
-    mlp.down_proj = _cols(mlp.down_proj, channels)
+    from sds_cli.stages.tyr.modeling_tyr import cut  # imports the model classes of its families: on use
+
+    cut(block, kept.heads, kept.channels, geo.heads // geo.kv_heads, geo.head_dim)
+
+
+def _loadable(model: nn.Module) -> None:
+    """A Llama, Mistral or Qwen2 model becomes its Týr class (``modeling_tyr.py``): the same modules, but
+    ``save_pretrained`` then writes the modeling file and ``auto_map`` beside the weights."""
+    from sds_cli.stages.tyr.modeling_tyr import CUT
+
+    if (cls := CUT.get(type(model))) is not None:
+        model.__class__ = cls
 
 
 def shrink(model: nn.Module, kept: list[Kept]) -> None:
@@ -152,6 +105,7 @@ def shrink(model: nn.Module, kept: list[Kept]) -> None:
     for block, keep in zip(decoder_layers(model), kept):
         shrink_block(block, keep, geo)
     model.config.pruned_structure = [asdict(k) for k in kept]
+    _loadable(model)
 
 
 def block_params(model: nn.Module) -> int:
@@ -168,10 +122,11 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     structure = getattr(config, "pruned_structure", None)
     if structure is None:
         raise ConfigError(f"{path} has no pruned_structure in config.json; load it with from_pretrained")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)  # the family's own code
     geo = geometry(model)
     for block, keep in zip(decoder_layers(model), structure):
         shrink_block(block, Kept(**keep), geo)
+    _loadable(model)
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         state |= load_file(file)
