@@ -53,12 +53,13 @@ def test_sds_run_writes_a_card_for_each_saved_model(run_main):
     assert metrics["oneshot"]["ppl_embedded"] != metrics["sds"]["ppl_embedded"]  # the two cards differ
 
 
-def test_tyr_card_says_load_pruned(run_main):
+def test_tyr_card_says_load_with_trust_remote_code(run_main):
     code, err, results = run_main(*TINY, *QUICK, "model=tiny-llama", "sparsity=0.5", "save.final=true")
     assert code == 0, err
     matter, body = card(results, "model")
     assert "structured-pruning" in matter["tags"] and "tyr" in matter["tags"]
-    assert "sds_cli.load_pruned(" in body and "from_pretrained(\"path/to/this/dir\")\ntokenizer" not in body
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/this/dir", trust_remote_code=True)' in body
+    assert (Path(results["saved"]["model"]) / "modeling_tyr.py").is_file()
     assert results["model_card"]["model"]["block_params"] == results["tyr"]["block_params"]["pruned"]
     removed = 1 - results["tyr"]["block_params"]["pruned"] / results["tyr"]["block_params"]["dense"]
     assert f"{removed:.2%} fewer" in body

@@ -198,35 +198,39 @@ def metrics_table(metrics: dict, stage: str, config: dict) -> list[str]:
 
 
 TYR_TEXT = ("Týr removes whole heads and channels, so the layer shapes differ from the base architecture's "
-            "(`config.json` records them as `pruned_structure`) and plain `from_pretrained` refuses them. "
-            "Load it with sds-cli installed:")
+            "(`config.json` records them as `pruned_structure`). The modeling file beside the weights "
+            "(`modeling_tyr.py`, torch and transformers only) builds those shapes; no sds-cli needed:")
 COMPRESSED_TEXT = ("Saved in compressed-tensors' sparse format (the non-zero values plus a bitmask: llm-compressor's "
                    "and vLLM's format). Decompress it to a dense model with sds-cli and its `deploy` extra "
                    "(compressed-tensors 0.13.0):")
 LOAD = {  # what the model dir needs: (text, import, loader)
-    "tyr": (TYR_TEXT, "import sds_cli", "sds_cli.load_pruned"),
+    "tyr": (TYR_TEXT, "from transformers import AutoModelForCausalLM", "AutoModelForCausalLM.from_pretrained"),
     "compressed-tensors": (COMPRESSED_TEXT, "import sds_cli", "sds_cli.load_compressed"),
     "safetensors": ("Plain `transformers` (the zeros are stored as dense weights):",
                     "from transformers import AutoModelForCausalLM", "AutoModelForCausalLM.from_pretrained"),
 }
 
 
+TRUST = ", trust_remote_code=True"
+
+
 def loading(config: dict) -> list[str]:
     text, imports, call = LOAD["tyr" if config["pruner"]["name"] == "tyr" else config["save"]["format"]]
     return [text, "", "```python", imports, "from transformers import AutoTokenizer", "",
-            f'model = {call}("path/to/this/dir")', 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
+            f'model = {call}("path/to/this/dir"{TRUST if config["pruner"]["name"] == "tyr" else ""})', 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
             "```"]
 
 
-def summary(config: dict, stage: str) -> str:
+def summary(config: dict, stage: str, extra: dict) -> str:
     pruner, pattern = config["pruner"]["name"], config["sparsity"]
     if pruner == "tyr":
         return (f"Týr-the-Pruner ([arXiv 2503.09657](https://arxiv.org/abs/2503.09657)) removed whole attention "
                 f"heads and FFN channels, {pattern} of the decoder blocks' parameters")
     text = f"{pruner} one-shot pruning to {pattern} sparsity"
     if stage == "sds":
-        text += (", then Sparse-Dense-Sparse ([arXiv 2408.10473](https://arxiv.org/abs/2408.10473)): each layer "
-                 "re-densified towards the dense layer's outputs and pruned again")
+        text += (f", then Sparse-Dense-Sparse ([arXiv 2408.10473](https://arxiv.org/abs/2408.10473)) as "
+                 f"{extra.get('redense_label', 'configured')}: each layer re-densified towards the dense layer's "
+                 "outputs and pruned again")
     return text
 
 
@@ -242,7 +246,7 @@ def render(config: dict, stage: str, measured: dict, metrics: dict, extra: dict,
                   ("- the whole record of the run (every knob, per-layer errors, mask fingerprints) is its "
                    "`results.json`, in the run dir above this one")]
     lines = ["---", matter.rstrip(), "---", "", f"# {title}", "",
-             f"Pruned from {origin(config['model'])} by sds-cli: {summary(config, stage)}.", "",
+             f"Pruned from {origin(config['model'])} by sds-cli: {summary(config, stage, extra)}.", "",
              "## Method", "", *method(config, stage), "",
              "## Sparsity", "", *sparsity(measured, config, extra), "",
              "## Evaluation", "", *metrics_table(metrics, stage, config), "",
