@@ -81,7 +81,7 @@ def prune(model: nn.Module, tokenizer, calibration: torch.Tensor | list[str], *,
     ``oneshot.sequential`` (None: the config's default). Returns the
     per-layer records and mask fingerprints of each stage (no evaluation: the model is the caller's)."""
     if pruner in ("none", "tyr", "tyr-paper"):
-        raise ConfigError(f"pruner={pruner}: sds_cli.prune takes an unstructured pruner (sparsegpt, wanda, magnitude); "
+        raise ConfigError(f"pruner={pruner}: sds_cli.prune takes an unstructured pruner (sparsegpt, wanda, magnitude, admm); "
                           "for Týr use sds_cli.run")
     windows = _windows(tokenizer, calibration, seqlen)
     pattern = Pattern.parse(sparsity)
