@@ -13,8 +13,8 @@ from sds_cli.models import fused_experts
 
 # The down matrix's statistics weigh each token by its routing weight w (its input taken as w a): the expert adds
 # w W_down a to the block's output, so this gram measures the error a pruned W_down adds to the block's output.
-# Gate and up read the plain routed hidden states (w scales their output only through the nonlinearity).
-# docs/families.md gives the measurement behind the choice.
+# Gate and up read the plain routed hidden states. On a random Mixtral the two forms measured a wash
+# (docs/families.md); this one is kept as the block-output objective.
 ROUTER_WEIGHTED_DOWN = True
 
 
