@@ -130,5 +130,74 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the {count} decoder blocks of {type(model).__name__}")
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routers and shared-expert gates (Mixtral, Qwen2-MoE)
+
+
+def is_router(name: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router: pruning it would change which experts run, not how they compute."""
+    return "Router" in type(module).__name__ or name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
+class WeightView:
+    """A linear map y = W x whose [out, in] weight W is a view into a parameter stored otherwise: a ``Conv1D``'s
+    [in, out] weight transposed, or one expert's gate, up or down matrix inside a fused 3-D experts parameter.
+    Stages read ``weight`` and write into it in place (``weight.data.copy_``), as into an ``nn.Linear``'s; the
+    parameter is looked up at every read, so a block moved between devices keeps its views."""
+
+    def __init__(self, module: nn.Module, attr: str, index: tuple = (), transposed: bool = False):
+        self.module, self.attr, self.index, self.transposed = module, attr, index, transposed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = getattr(self.module, self.attr).data[self.index]
+        return w.T if self.transposed else w
+
+    in_features = property(lambda self: self.weight.shape[1])
+    out_features = property(lambda self: self.weight.shape[0])
+
+
+def stored(linear) -> tuple[nn.Module, str]:
+    """The module and attribute holding a linear's weight (for a view, the whole fused or transposed parameter)."""
+    return (linear.module, linear.attr) if isinstance(linear, WeightView) else (linear, "weight")
+
+
+def fused_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """The fused experts modules of a block by path: transformers 5's ``use_experts_implementation`` classes
+    (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS, DeepSeek-V3), whose layout flags say how to slice them."""
+    return {n: m for n, m in block.named_modules()
+            if hasattr(m, "is_transposed") and isinstance(getattr(m, "down_proj", None), nn.Parameter)
+            and m.down_proj.dim() == 3}
+
+
+def expert_views(experts: nn.Module) -> dict[str, WeightView]:
+    """Each expert's matrices named as in an unfused MLP, ``{e}.gate_proj``, ``{e}.up_proj``, ``{e}.down_proj``:
+    gate and up are the halves of ``gate_up_proj`` (stacked, or interleaved where not ``is_concatenated``:
+    GPT-OSS), so each is pruned as the linear it would be unfused. ``is_transposed`` stores [in, out]."""
+    t = experts.is_transposed
+    fused = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    half = fused.shape[-1 if t else -2] // 2
+    halves = (slice(0, None, 2), slice(1, None, 2)) if not experts.is_concatenated else (slice(0, half), slice(half, None))
+    views = {}
+    for e in range(experts.down_proj.shape[0]):
+        if experts.has_gate:
+            for role, rows in zip(("gate_proj", "up_proj"), halves):
+                views[f"{e}.{role}"] = WeightView(experts, "gate_up_proj", (e, slice(None), rows) if t else (e, rows), t)
+        else:
+            views[f"{e}.up_proj"] = WeightView(experts, "up_proj", (e,), t)
+        views[f"{e}.down_proj"] = WeightView(experts, "down_proj", (e,), t)
+    return views
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear | WeightView]:
+    """Every linear map inside a block that a stage may prune, by name, routers excepted: the ``nn.Linear`` modules,
+    ``Conv1D`` (GPT-2 family; its weight is [in, out]) and each fused expert's matrices (``expert_views``)."""
+    experts = fused_experts(block)
+    out: dict[str, nn.Linear | WeightView] = {}
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Linear) and not is_router(name, m):
+            out[name] = m
+        elif type(m).__name__ == "Conv1D":
+            out[name] = WeightView(m, "weight", transposed=True)
+        elif name in experts:
+            out |= {f"{name}.{n}": v for n, v in expert_views(m).items()}
+    return out

@@ -8,14 +8,7 @@ from torch import nn
 
 from sds_cli.engine.walk import selected_linears
 from sds_cli.errors import ConfigError
-from sds_cli.models import decoder_layers
-
-ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routers and shared-expert gates (Mixtral, Qwen2-MoE)
-
-
-def is_router(name: str, module: nn.Module) -> bool:
-    """A mixture-of-experts router: pruning it would change which experts run, not how they compute."""
-    return "Router" in type(module).__name__ or name.rsplit(".", 1)[-1] in ROUTER_NAMES
+from sds_cli.models import decoder_layers, is_router, stored
 
 
 def block_matrices(block: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
@@ -30,51 +23,55 @@ def block_matrices(block: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return out
 
 
-def _split(block: nn.Module, targets: str) -> tuple[dict, dict, dict]:
-    """A block's matrices as (pruned, routers, left dense)."""
-    chosen = {f"{n}.weight" for n, linear in selected_linears(block, targets).items()}
+def _split(block: nn.Module, targets: str) -> tuple[dict, dict, dict, dict]:
+    """A block's matrices as (pruned, routers, left dense), each by name, and the selected linears: a fused experts
+    parameter counts as pruned when the selection holds all its experts' matrices."""
+    linears = selected_linears(block, targets)
+    covered: dict[int, int] = {}
+    for linear in linears.values():
+        param = getattr(*stored(linear))
+        covered[id(param)] = covered.get(id(param), 0) + linear.weight.numel()
     pruned, routers, dense = {}, {}, {}
     for name, (param, router) in block_matrices(block).items():
-        (routers if router else pruned if name in chosen else dense)[name] = param
-    return pruned, routers, dense
+        (routers if router else pruned if covered.get(id(param)) == param.numel() else dense)[name] = param
+    return pruned, routers, dense, linears
 
 
 def check_coverage(model: nn.Module, targets: str, default: str) -> list[str]:
-    """The block matrices the selection leaves dense (routers excepted). With the ``default`` selection a run that
-    would leave any stops: the user must exclude them knowingly, with ``targets=``."""
+    """The block matrices the selection leaves dense, wholly or in part (routers excepted). With the ``default``
+    selection a run that would leave any stops: the user must exclude them knowingly, with ``targets=``."""
     left: dict[str, str] = {}
     selected = 0
     for block in decoder_layers(model):
-        pruned, _, dense = _split(block, targets)
-        selected += len(pruned)
+        _, _, dense, linears = _split(block, targets)
+        selected += len(linears)
         modules = dict(block.named_modules())
         for name in dense:
             left.setdefault(name, type(modules[name.rsplit(".", 1)[0]]).__name__)
     if not selected:
-        raise ConfigError(f"targets={targets!r} selects no nn.Linear inside {type(model).__name__}'s decoder blocks; "
+        raise ConfigError(f"targets={targets!r} selects no linear inside {type(model).__name__}'s decoder blocks; "
                           f"its block weight matrices are: {', '.join(f'{n} ({t})' for n, t in left.items())}")
     if left and targets == default:
         what = ", ".join(f"{n} ({t})" for n, t in left.items())
-        raise ConfigError(f"{type(model).__name__}: these block weight matrices are not nn.Linear and cannot be pruned, "
-                          f"so they would stay dense: {what}; to accept that, select the rest explicitly with "
+        raise ConfigError(f"{type(model).__name__}: these block weight matrices are not linears the engine knows how to "
+                          f"prune, so they would stay dense: {what}; to accept that, select the rest explicitly with "
                           "targets=REGEX (a regex over linear names inside a block, e.g. targets=self_attn)")
     return sorted(left)
 
 
 def coverage(model: nn.Module, targets: str) -> dict:
-    """Fractions of zeros over every block weight matrix (routers excepted) and over the pruned ones, with the
+    """Fractions of zeros over every block weight matrix (routers excepted) and over the selected linears, with the
     parameter counts behind both."""
     counts = {"pruned": [0, 0], "block": [0, 0], "router": [0, 0]}
     for block in decoder_layers(model):
-        pruned, routers, dense = _split(block, targets)
-        for kind, params in (("pruned", pruned), ("block", pruned | dense), ("router", routers)):
-            for p in params.values():
-                counts[kind][0] += p.numel()
-                counts[kind][1] += int((p == 0).sum())
+        pruned, routers, dense, linears = _split(block, targets)
+        for kind, weights in (("pruned", [lin.weight for lin in linears.values()]),
+                              ("block", [*pruned.values(), *dense.values()]), ("router", routers.values())):
+            for w in weights:
+                counts[kind][0] += w.numel()
+                counts[kind][1] += int((w == 0).sum())
     return {"block_params": counts["block"][0], "pruned_params": counts["pruned"][0],
             "router_params": counts["router"][0],
             "pruned_fraction": counts["pruned"][0] / max(counts["block"][0], 1),
             "zeros_block": counts["block"][1] / max(counts["block"][0], 1),
             "zeros_pruned": counts["pruned"][1] / max(counts["pruned"][0], 1)}
-
-

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sds_cli.engine.experts import input_kind, routed_names
 from sds_cli.engine.stream import Stream, block_inputs, move_to
+from sds_cli.errors import ConfigError
 
 
 @dataclass
@@ -46,16 +48,19 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     block's forward stops once every named input is seen (attention inputs alone skip the MLP); where
     the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
     first, so that q and k (or gate) are not computed only to reach v's (or up's) input."""
-    if shared:
+    if shared and names[0] not in routed_names(block, names):
         return dict.fromkeys(names, collect(block, stream, names[:1], reference)[names[0]])
+    if reference and (routed := list(routed_names(block, names))):
+        raise ConfigError(f"{routed[0]}: statistics against the dense model's inputs pair each token's dense and "
+                          "pruned inputs, which a fused expert lacks (the two routers pick different tokens); use "
+                          "redense.inputs=sparse redense.target=dense_weights, or leave the experts out with targets=")
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
     sums: dict[str, dict[str, torch.Tensor]] = {}
-    tokens = 0
+    tokens: dict[str, int] = {}
     ref_batches = reference[1].batches() if reference else None
     for h, kw in stream.batches():
         xr = block_inputs(reference[0], names, *next(ref_batches)) if reference else {}
         xs = block_inputs(block, names, h, kw)
-        tokens += h.shape[0] * h.shape[1]
         if not owner:
             first = {}
             owner = {n: first.setdefault((id(xs[n]), id(xr.get(n))), n) for n in names}
@@ -66,21 +71,24 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
                 r = xr[n].reshape(-1, xr[n].shape[-1]).float()
                 terms |= {"cross": r.T @ x, "ref_gram": r.T @ r}
             sums[n] = {k: sums[n][k] + v for k, v in terms.items()} if n in sums else terms
+            tokens[n] = tokens.get(n, 0) + len(x)
     for n, s in sums.items():
         if not torch.isfinite(s["gram"]).all():
             raise FloatingPointError(f"the calibration activations entering {n} contain NaN or Inf "
                                      "(overflow in a half-precision dtype? try dtype=float32)")
-    stats = {n: LayerStats(tokens=tokens, **{k: v / tokens for k, v in s.items()}) for n, s in sums.items()}
+    stats = {n: LayerStats(tokens=tokens[n], **{k: v / max(tokens[n], 1) for k, v in s.items()}) for n, s in sums.items()}
     return {n: stats[owner[n]] for n in names}
+
 
 @torch.no_grad()
 def input_groups(block: nn.Module, stream: Stream, names: list[str]) -> list[list[str]]:
     """The named linears grouped by the input they share (q/k/v, gate/up), in the order the block's forward
     reaches them (found on the first batch), for stages that re-collect each group's inputs after the
     groups before it have changed."""
-    groups: dict[int, list[str]] = {}
+    groups: dict[object, list[str]] = {}
+    routed = routed_names(block, names)
     for n, x in block_inputs(block, names, *next(stream.batches())).items():  # the inputs live on: no id is reused
-        groups.setdefault(id(x), []).append(n)
+        groups.setdefault((routed[n][0], input_kind(routed[n][1])) if n in routed else id(x), []).append(n)
     return list(groups.values())
 
 class Frozen:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sds_cli.engine.experts import routed_inputs
 from sds_cli.models import decoder_layers
 
 
@@ -172,20 +173,20 @@ def output_forms(outputs: list) -> list[int]:
 
 
 def block_inputs(block: nn.Module, names: list[str], h: torch.Tensor, kw: dict) -> dict[str, torch.Tensor]:
-    """The inputs of the named submodules on one batch, in the order the forward reaches them; the forward
-    stops once all are seen."""
+    """The inputs of the named linears on one batch, in the order the forward reaches them: a module's input, or
+    for a fused expert's matrix the tokens routed to it (``engine.experts``); the forward stops once all are seen."""
     modules, seen = dict(block.named_modules()), {}
 
-    def hook(n):
-        def store(module, args):
-            seen[n] = args[0]
-            if len(seen) == len(names):
-                raise _Captured
-        return store
+    def found(n, x):
+        seen[n] = x
+        if len(seen) == len(names):
+            raise _Captured
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    handles = [modules[n].register_forward_pre_hook(lambda module, args, n=n: found(n, args[0]))
+               for n in names if n in modules]
     try:
-        _until_captured(block, h, kw)
+        with routed_inputs(block, [n for n in names if n not in modules], found):
+            _until_captured(block, h, kw)
     finally:
         for handle in handles:
             handle.remove()
@@ -197,8 +198,6 @@ def _until_captured(block: nn.Module, h: torch.Tensor, kw: dict) -> None:
         block(h, **kw)
     except _Captured:
         pass
-
-
 
 
 def sync(device) -> None:

@@ -99,7 +99,7 @@ class StageCheckpoint:
     def restore(self, i: int, linears: dict[str, nn.Linear]) -> list:
         weights = load_file(self._file(i))
         for name, linear in linears.items():
-            linear.weight.data = weights[name].to(linear.weight.device, linear.weight.dtype)
+            linear.weight.data.copy_(weights[name])
         return self.layers[str(i)]
 
 

@@ -40,9 +40,10 @@ def compressed_tensors():
 
 
 def sparse_linears(model: nn.Module, layers: str) -> dict[str, nn.Linear]:
-    """The pruned linears (those of the decoder blocks that ``layers`` selects) by their module name."""
+    """The pruned ``nn.Linear`` modules (those of the decoder blocks that ``layers`` selects) by their module name:
+    compressed-tensors compresses linears only, so fused experts and Conv1D are saved dense, zeros included."""
     names = {id(module): name for name, module in model.named_modules()}
-    return {names[id(linear)]: linear for _, _, linear in model_linears(model, layers)}
+    return {names[id(linear)]: linear for _, _, linear in model_linears(model, layers) if isinstance(linear, nn.Linear)}
 
 
 def sparse_format(weights: Iterable[torch.Tensor]) -> str:

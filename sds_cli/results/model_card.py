@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from sds_cli.engine.walk import model_linears
-from sds_cli.models import decoder_layers
+from sds_cli.models import decoder_layers, stored
 from sds_cli.paths import preset
 from sds_cli.results.record import Record, git_commit, versions
 
@@ -58,7 +58,7 @@ def measure(out: Path, model: nn.Module, targets: str) -> dict:
     from safetensors import safe_open
 
     modules = {id(m): n for n, m in model.named_modules()}
-    linears = {modules[id(linear)] for _, _, linear in model_linears(model, targets)}
+    linears = {(modules[id(m)], attr) for m, attr in (stored(lin) for _, _, lin in model_linears(model, targets))}
     blocks = modules[id(decoder_layers(model))] + "."
     zeros = total = block_params = 0
     found = set()
@@ -69,16 +69,16 @@ def measure(out: Path, model: nn.Module, targets: str) -> dict:
                 if key.startswith(blocks) and not key.endswith((".compressed", ".bitmask", ".row_offsets")):
                     shape = f.get_tensor(key).tolist() if key.endswith(".shape") else f.get_slice(key).get_shape()
                     block_params += _numel(shape)
-            for name in linears - found:
-                if f"{name}.weight" in keys:
-                    weight = f.get_tensor(f"{name}.weight")
+            for name, attr in linears - found:
+                if f"{name}.{attr}" in keys:  # a fused experts parameter counts once, whole
+                    weight = f.get_tensor(f"{name}.{attr}")
                     size, nonzero = weight.numel(), int(weight.count_nonzero())
                 elif {f"{name}.compressed", f"{name}.shape"} <= keys:
                     size = _numel(f.get_tensor(f"{name}.shape").tolist())
                     nonzero = int(f.get_tensor(f"{name}.compressed").count_nonzero())
                 else:
                     continue
-                found.add(name)
+                found.add((name, attr))
                 total, zeros = total + size, zeros + size - nonzero
     return {"zeros": zeros / total if total else None, "weights": total, "linears": len(found),
             "linears_selected": len(linears), "block_params": block_params}

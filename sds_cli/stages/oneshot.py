@@ -9,8 +9,12 @@ import torch
 from sds_cli.engine.stats import Frozen, relative_error
 from sds_cli.engine.stream import Stream, sync
 from sds_cli.engine.walk import BlockStore, GroupStage
-from sds_cli.pruners.base import Pruner
+from sds_cli.pruners.base import Pruner, build_pruner
 from sds_cli.sparsity import Pattern
+
+# An expert no calibration token was routed to has no statistics to weigh its weights by: magnitude prunes it (its
+# record's tokens says 0). Experts with fewer tokens than inputs get the pruner itself (SparseGPT damps the gram).
+UNSEEN = build_pruner("magnitude")
 
 
 @dataclass
@@ -21,6 +25,7 @@ class LayerRecord:
     sparsity: float
     error: float
     seconds: float
+    tokens: int  # calibration tokens behind the statistics: for a fused expert, those routed to it
 
 
 @dataclass
@@ -38,12 +43,12 @@ class OneShot(GroupStage):
 
     def layer(self, i, name, linear, stats):
         start = time.perf_counter()
-        weight = linear.weight.detach().to(torch.float32, copy=True)
-        pruned, mask = self.pruner(weight, stats, self.pattern)
-        linear.weight.data = pruned.to(linear.weight.dtype)
+        weight = linear.weight.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+        pruned, mask = (self.pruner if stats.tokens else UNSEEN)(weight, stats, self.pattern)
+        linear.weight.data.copy_(pruned)
         sync(weight.device)
         return LayerRecord(i, name, tuple(weight.shape), mask.float().mean().item(),
-                           relative_error(weight, pruned, stats.gram), time.perf_counter() - start)
+                           relative_error(weight, pruned, stats.gram), time.perf_counter() - start, stats.tokens)
 
 
 def prune_model(model, stream: Stream, pruner: Pruner, pattern: Pattern, targets: str,

@@ -163,17 +163,20 @@ class SDSStage(GroupStage):
 
     def layer(self, i: int, name: str, linear, stats: LayerStats) -> SDSRecord:
         start = time.perf_counter()
-        final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True),
+        if not stats.tokens:  # an expert no calibration token reached: no objective, its one-shot weights stay
+            info = dict.fromkeys(("error_oneshot", "error_redense", "error_reprune", "error_sds", "error_final"), 0.0)
+            return SDSRecord(i, name, (linear.weight == 0).float().mean().item(), kept="oneshot", seconds=0.0, **info)
+        final, info = sds_layer(linear.weight.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format),
                                 self.dense[i, name].to(linear.weight.device).float(), stats, self.pruner,
                                 self.pattern, self.cfg)
-        linear.weight.data = final.to(linear.weight.dtype)
+        linear.weight.data.copy_(final)
         sync(final.device)
         return SDSRecord(i, name, seconds=time.perf_counter() - start, **info)
 
     def dense_block(self, i: int, block):
         copied = copy.deepcopy(block)
         for name, linear in selected_linears(copied, self.targets).items():
-            linear.weight.data = self.dense[i, name].to(linear.weight)
+            linear.weight.data.copy_(self.dense[i, name])
         return copied
 
     def restored(self, i, block):
