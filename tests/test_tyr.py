@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sds_cli.errors import ConfigError
 from sds_cli.stages.tyr import search
-from sds_cli.stages.tyr.local import _prepare, _score, obs_levels, wanda_levels
+from sds_cli.stages.tyr.local import _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
@@ -52,40 +52,6 @@ def test_obs_levels_compensate_and_refit_exactly(size):
         gradient = ((levels[r] - w).double() @ h.double())[:, kept]
         assert gradient.abs().max() < 1e-4  # the least-squares optimum on the kept columns
     assert sorted(order.tolist()) == list(range(w.shape[1] // size))
-
-
-def _obs_levels_before_first_order(weight, gram, size, removals, rounds):
-    """obs_levels as it was before ``first_order`` (the OBS term alone), kept to pin the default."""
-    w0, h = _prepare(weight, gram, 0.01)
-    g, n = w0 @ h, w0.shape[1] // size
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u, alive = g @ hinv, torch.ones(n, dtype=torch.bool)
-    per_round, out, removed, order = max(1, -(-max(removals) // rounds)), {}, 0, []
-    for target in sorted(set(removals)):
-        while removed < target:
-            blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-            blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))
-            grouped = u.reshape(len(u), n, size)
-            score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
-            score[~alive] = float("inf")
-            pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
-            cols = (pick[:, None] * size + torch.arange(size)).flatten()
-            inv = torch.linalg.inv(hinv[cols][:, cols])
-            u -= u[:, cols] @ inv @ hinv[cols, :]
-            hinv -= hinv[:, cols] @ inv @ hinv[cols, :]
-            hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
-            alive[pick], removed = False, removed + len(pick)
-            order.append(pick)
-        out[target] = (g.float() @ hinv.float()).to(weight.dtype)
-    return out, torch.cat([*order, alive.nonzero().flatten()])
-
-
-@pytest.mark.parametrize("size, removals, rounds", [(1, [0, 8, 16, 24, 40], 4), (8, [1, 2, 3], 1), (1, [5, 30], 16)])
-def test_first_order_off_is_the_obs_term_bit_for_bit(size, removals, rounds):
-    w, h = problem()
-    levels, order = obs_levels(w, h, size, removals, rounds=rounds, first_order=False)
-    want, want_order = _obs_levels_before_first_order(w, h, size, removals, rounds)
-    assert torch.equal(order, want_order) and all(torch.equal(levels[r], want[r]) for r in removals)
 
 
 @pytest.mark.parametrize("size", [1, 3])
