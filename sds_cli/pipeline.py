@@ -236,7 +236,7 @@ def tyr_stage(run: Run) -> None:
     cfg = run.cfg
     with run.record.stage("oneshot"):
         out = prune(run.lm.model, run.calib, run.pattern.sparsity, TyrConfig(**cfg.pruner), run.device, cfg.seed,
-                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
+                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar, run.record.path.parent)
     run.record.layers["tyr"] = out["layers"]
     run.record.extra["tyr"] = out["extra"]
     for row in out["extra"]["distribution"]:  # heads and channels kept, per block
