@@ -224,14 +224,18 @@ class Fitness:
         return [t / sum(n for _, n in spans) for t in totals]
 
     def _stream(self, spans: list[tuple[int, int]]) -> Stream:
-        """What enters the first block for each span (window j's first n + 1 tokens), captured once per span."""
-        if new := [s for s in dict.fromkeys(spans) if s not in self.inputs]:
+        """What enters the first block for each span (window j's first n + 1 tokens): whole windows captured once
+        and kept, a selection stage's one cut-short window captured for it alone."""
+        inputs = {s: self.inputs[s] for s in spans if s in self.inputs}
+        if new := [s for s in dict.fromkeys(spans) if s not in inputs]:
             got = capture(self.model, [self.windows[j : j + 1, : n + 1] for j, n in new], 1, self.device,
                           self.offload, self.forms)
-            for b, span in enumerate(new):
-                self.inputs[span] = (got.hidden[b], [kw[b] for kw in got.kwargs])
+            for b, (j, n) in enumerate(new):
+                inputs[(j, n)] = (got.hidden[b], [kw[b] for kw in got.kwargs])
+                if n == self.windows.shape[1] - 1:
+                    self.inputs[(j, n)] = inputs[(j, n)]
         blocks = len(decoder_layers(self.model))
-        return Stream([self.inputs[s][0] for s in spans], [[self.inputs[s][1][i] for s in spans] for i in range(blocks)],
+        return Stream([inputs[s][0] for s in spans], [[inputs[s][1][i] for s in spans] for i in range(blocks)],
                       torch.device(self.device), torch.device("cpu") if self.offload else torch.device(self.device))
 
     @torch.no_grad()
