@@ -15,7 +15,7 @@ from sds_cli.errors import ConfigError
 from sds_cli.paths import CONF, preset, top_default
 from sds_cli.pipeline import REPLAY_TOLERANCE
 from sds_cli.pruners import build_pruner
-from sds_cli.sparsity import Pattern
+from sds_cli.sparsity import Pattern, structured
 from sds_cli.stages.oneshot import prune_model
 from sds_cli.stages.redense.stage import RedenseConfig, sds_model, snapshot
 
@@ -80,9 +80,9 @@ def prune(model: nn.Module, tokenizer, calibration: torch.Tensor | list[str], *,
     ``conf/redense`` (``redense="none"``: one-shot only); ``*_options`` override their knobs; ``sequential`` is
     ``oneshot.sequential`` (None: the config's default). Returns the
     per-layer records and mask fingerprints of each stage (no evaluation: the model is the caller's)."""
-    if pruner in ("none", "tyr", "tyr-paper"):
+    if pruner == "none" or structured(pruner):
         raise ConfigError(f"pruner={pruner}: sds_cli.prune takes an unstructured pruner (sparsegpt, wanda, magnitude, admm); "
-                          "for Týr use sds_cli.run")
+                          "for Týr and FLAP use sds_cli.run")
     windows = _windows(tokenizer, calibration, seqlen)
     pattern = Pattern.parse(sparsity)
     prune_layer = build_pruner(**preset("pruner", pruner) | (pruner_options or {}))

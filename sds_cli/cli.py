@@ -16,6 +16,7 @@ from sds_cli import launch  # noqa: F401 - registers the sds.* resolvers used by
 from sds_cli.console import console
 from sds_cli.errors import ConfigError
 from sds_cli.paths import CONF
+from sds_cli.sparsity import structured
 
 OOM = "out of memory; try engine.offload=true, a smaller calib.nsamples or calib.seqlen, or dtype=bfloat16"
 RESUME = "; the same command plus resume=true goes on from the last finished block"
@@ -47,9 +48,9 @@ def check_overrides(argv: list[str]) -> list[str]:
             hint = " (or a hub id / local model directory)" if group == "model" else ""
             raise ConfigError(f"unknown {group} '{bad[0]}'; choose one of: {', '.join(choices)}{hint}")
         out.append(arg)
-    structured = any(a.startswith("pruner=") and a.split("=", 1)[1].startswith("tyr") for a in out)
-    if structured and not any(a.lstrip("+~").startswith("redense=") for a in out):
-        out.append("redense=none")  # Týr yields a smaller dense model: nothing to re-densify
+    whole = any(a.startswith("pruner=") and structured(a.split("=", 1)[1]) for a in out)
+    if whole and not any(a.lstrip("+~").startswith("redense=") for a in out):
+        out.append("redense=none")  # Týr and FLAP yield a smaller dense model: nothing to re-densify
     return out
 
 

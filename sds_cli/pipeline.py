@@ -24,10 +24,13 @@ from sds_cli.results import dense_cache, export
 from sds_cli.results.checkpoint import Checkpoint
 from sds_cli.results.record import Record
 from sds_cli.results.tracking import Tracker
-from sds_cli.sparsity import Pattern
+from sds_cli.sparsity import Pattern, structured
+from sds_cli.stages.flap import FlapConfig
 from sds_cli.stages.oneshot import prune_model
 from sds_cli.stages.redense.stage import RedenseConfig, sds_model, snapshot
 from sds_cli.stages.tyr.search import TyrConfig
+
+STRUCTURED_CONFIGS = {"tyr": TyrConfig, "flap": FlapConfig}  # each structured pruner's knobs, checked up front
 
 # Replay guard: a block-by-block replay of one window differs from the model's forward by rounding only
 # (measured 0 for every tested family in fp32); a wrong mask or rotary embedding gives 1e-2 to 1.
@@ -128,8 +131,8 @@ def method(cfg: DictConfig) -> str:
     """Which sequence of stages the config asks for (a key of ``METHODS``)."""
     if cfg.pruner.name == "none":
         return "dense"
-    if cfg.pruner.name == "tyr":
-        return "tyr"
+    if structured(cfg.pruner.name):
+        return cfg.pruner.name
     return "oneshot" if cfg.redense.name == "none" else "sds"
 
 
@@ -157,7 +160,7 @@ def prepare(cfg: DictConfig, record: Record, name: str) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     device = resolve_device(cfg.device)
     pattern = Pattern.parse(cfg.sparsity)
-    if name == "tyr":
+    if structured(name):
         check_structured(cfg, pattern)
     else:  # a bad pruner or redense knob stops the run before the model loads
         unstructured(cfg)
@@ -236,11 +239,28 @@ def tyr_stage(run: Run) -> None:
     cfg = run.cfg
     with run.record.stage("oneshot"):
         out = prune(run.lm.model, run.calib, run.pattern.sparsity, TyrConfig(**cfg.pruner), run.device, cfg.seed,
-                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
+                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar, run.record.path.parent)
     run.record.layers["tyr"] = out["layers"]
     run.record.extra["tyr"] = out["extra"]
     for row in out["extra"]["distribution"]:  # heads and channels kept, per block
         run.tracker.block("tyr", row["block"], [row])
+    run.evaluate_stage("oneshot")
+    if cfg.save.final:
+        run.save("model")
+
+
+def flap_stage(run: Run) -> None:
+    """FLAP: fluctuation, the adaptive structure, bias compensation, the smaller model (the ``oneshot`` stage)."""
+    from sds_cli.stages.flap import prune
+
+    cfg = run.cfg
+    with run.record.stage("oneshot"):
+        out = prune(run.lm.model, run.calib, run.pattern.sparsity, FlapConfig(**cfg.pruner), run.device,
+                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
+    run.record.layers["flap"] = out["layers"]
+    run.record.extra["flap"] = out["extra"]
+    for row in out["extra"]["distribution"]:
+        run.tracker.block("flap", row["block"], [row])
     run.evaluate_stage("oneshot")
     if cfg.save.final:
         run.save("model")
@@ -251,21 +271,23 @@ METHODS: dict[str, list[Callable[[Run], None]]] = {
     "oneshot": [replay_guard, oneshot_stage],
     "sds": [replay_guard, oneshot_stage, sds_stage],
     "tyr": [replay_guard, tyr_stage],
+    "flap": [replay_guard, flap_stage],
 }
 
 
 def check_structured(cfg: DictConfig, pattern: Pattern) -> None:
-    """Týr removes whole heads and channels: it takes a plain fraction and never re-densifies."""
+    """Týr and FLAP remove whole heads and channels: they take a plain fraction and never re-densify."""
+    name = cfg.pruner.name
     if pattern.nm:
-        raise ConfigError(f"pruner=tyr removes whole heads and channels: sparsity is a fraction of block "
+        raise ConfigError(f"pruner={name} removes whole heads and channels: sparsity is a fraction of block "
                           f"parameters (e.g. 0.25, 0.5), not {pattern}")
     if cfg.redense.name != "none":
-        raise ConfigError(f"pruner=tyr yields a smaller dense model; redense={cfg.redense.name} does not apply "
-                          "(leave redense out: pruner=tyr implies redense=none)")
+        raise ConfigError(f"pruner={name} yields a smaller dense model; redense={cfg.redense.name} does not apply "
+                          f"(leave redense out: pruner={name} implies redense=none)")
     if cfg.save.format != "safetensors":
-        raise ConfigError(f"pruner=tyr yields a smaller dense model; save.format={cfg.save.format} is for sparse "
+        raise ConfigError(f"pruner={name} yields a smaller dense model; save.format={cfg.save.format} is for sparse "
                           "weights (use save.format=safetensors)")
-    TyrConfig(**cfg.pruner)
+    STRUCTURED_CONFIGS[name](**cfg.pruner)
 
 
 def check_model(lm, cfg: DictConfig, pattern: Pattern | None) -> None:
@@ -303,9 +325,9 @@ def by_layer(rows: list[dict], columns: list[str]) -> list[dict]:
 def print_summary(record: Record) -> None:
     """The closing console summary: per-layer means over blocks, then the stage metrics."""
     for stage, rows in record.layers.items():
-        if stage == "tyr":
-            dist = record.extra["tyr"]["distribution"]
-            console.print(layer_table("tyr: structures kept per block", dist, list(dist[0])))
+        if structured(stage):
+            dist = record.extra[stage]["distribution"]
+            console.print(layer_table(f"{stage}: structures kept per block", dist, list(dist[0])))
             continue
         columns = ["sparsity", "error", "seconds"] if stage == "oneshot" else [
             "sparsity", "error_oneshot", "error_redense", "error_final", "seconds"]

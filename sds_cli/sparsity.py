@@ -8,6 +8,14 @@ import torch
 
 from sds_cli.errors import ConfigError
 
+STRUCTURED = ("tyr", "flap")  # pruners removing whole heads and channels: a smaller dense model, no re-dense
+
+
+def structured(pruner: str) -> bool:
+    """Whether a pruner, or a preset of one (``tyr-paper``), removes whole structures; its sparsity is then the
+    fraction of decoder-block parameters removed."""
+    return pruner.split("-")[0] in STRUCTURED
+
 
 @dataclass(frozen=True)
 class Pattern:

@@ -63,8 +63,9 @@ def test_prune_takes_texts_and_refuses_what_it_cannot_do():
     texts = [" ".join(f"word{i}" for i in range(300))] * 2
     result = sds_cli.prune(lm.model, lm.tokenizer, texts, pruner="magnitude", sparsity=0.5, redense="none", seqlen=64)
     assert set(result.layers) == {"oneshot"} and all(r["sparsity"] == 0.5 for r in result.layers["oneshot"])
-    with pytest.raises(sds_cli.ConfigError, match="for Týr use sds_cli.run"):
-        sds_cli.prune(lm.model, lm.tokenizer, texts, pruner="tyr")
+    for structured in ("tyr", "flap"):
+        with pytest.raises(sds_cli.ConfigError, match="for Týr and FLAP use sds_cli.run"):
+            sds_cli.prune(lm.model, lm.tokenizer, texts, pruner=structured)
     with pytest.raises(sds_cli.ConfigError, match="no text holds 4096 tokens"):
         sds_cli.prune(lm.model, lm.tokenizer, ["short"], seqlen=4096)
     with pytest.raises(sds_cli.ConfigError, match="tensor of token ids"):

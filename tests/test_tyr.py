@@ -161,13 +161,14 @@ def test_search_without_a_possible_mutation_keeps_the_centers(layers, levels, re
     net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], layers) for k in KINDS}, 0)
     centers = {k: [0] * layers for k in KINDS}
     assert reason in search.stuck(net, centers) and _mutate(centers, net, random.Random(0)) is None
-    state, history = search.evolve(model, net, search.Fitness(model, ids, 8, "cpu"), cfg, random.Random(0), lambda: None)
+    state, history = search.evolve(net, search.Fitness(model, ids, 8, "cpu", False, None), cfg, random.Random(0),
+                                   lambda: None)
     assert state == centers and history == []
     assert search.stuck(plan(TyrConfig.preset(min_channels=4), geometry(tiny()), {k: [1, 1, 1] for k in KINDS}, 0),
                         {k: [0, 0, 0] for k in KINDS}) is None
 
 
-def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why():
+def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why(tmp_path):
     @contextmanager
     def bar(description, total):
         yield lambda n=1: None
@@ -175,7 +176,7 @@ def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why():
     model, calib = tiny(num_hidden_layers=1), torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
     cfg = TyrConfig.preset(min_channels=4, generations=2, offspring=4, selection=[[2, 8], [1, 16]], search_windows=2)
     geo = geometry(model)
-    out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar)["extra"]
+    out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar, tmp_path)["extra"]
     assert [it["skipped"] for it in out["iterations"]] == ["one decoder layer: no budget can move between layers"] * 2
     kept = out["distribution"][0]
     assert kept["heads_kept"] == 3 and kept["channels_kept"] == 96 - round(budget(0.5, geo)["ffn"] * 96)  # the centers
@@ -261,3 +262,84 @@ def test_bad_tyr_input_is_one_line(run_main, args, message):
     defaults = [d for d in ("model=tiny-llama", "sparsity=0.5") if d.split("=")[0] not in given]
     code, err, _ = run_main(*TINY, *QUICK, *defaults, *args)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("mode", ["host", "disk"])
+def test_candidates_keep_the_kept_columns_only_and_widen_back_exactly(mode, tmp_path):
+    from sds_cli.stages.tyr.candidates import Candidates
+
+    w, h = problem()
+    levels, order = obs_levels(w, h, 8, [1, 2, 4])
+    store = Candidates(mode, tmp_path / "candidates")
+    store.put((0, "attention"), levels, order, 8)
+    for r, want in levels.items():
+        assert torch.equal(store.get((0, "attention"), r, "cpu"), want)
+    assert store.bytes() >= sum(4 * len(w) * (48 - 8 * r) for r in levels)  # (N - r) of N groups' columns
+    assert store.bytes() < sum(4 * len(w) * (48 - 8 * r) for r in levels) + 4096  # a file: its zip headers
+    files = list((tmp_path / "candidates").glob("*.pt"))
+    assert len(files) == (mode == "disk")
+    if mode == "disk" and Path("/proc/self/maps").exists():
+        assert str(files[0]) in Path("/proc/self/maps").read_text()  # read back as a memory map
+    with pytest.raises(ConfigError, match="choose one of: host, disk"):
+        TyrConfig.preset(candidates="gpu")
+
+
+def _whole_model_targets(model, windows, topk):
+    with torch.no_grad():
+        return [(torch.log_softmax(values, -1), index) for values, index in
+                (model(w[None]).logits[0, :-1].float().topk(topk, dim=-1) for w in windows)]
+
+
+def _whole_model_fitness(model, net, windows, targets, state, picks, tokens):
+    """The fitness as it was computed before the block-by-block forward: the whole model, state applied."""
+    from torch.nn import functional as F
+
+    with torch.no_grad():
+        dense = {(i, k): b.get_submodule(search.OUTPUTS[k]).weight.data for i, b in enumerate(model.model.layers)
+                 for k in KINDS}
+        search.apply(model, net, state)
+        total, count = 0.0, 0
+        for j in picks:
+            n = min(tokens - count, windows.shape[1] - 1)
+            logp, index = (t[:n] for t in targets[j])
+            logq = F.log_softmax(model(windows[j, : n + 1][None]).logits[0, :n].float().gather(-1, index), -1)
+            total, count = total + (logp.exp() * (logp - logq)).sum().item(), count + n
+            if count >= tokens:
+                break
+        for (i, k), weight in dense.items():
+            model.model.layers[i].get_submodule(search.OUTPUTS[k]).weight.data = weight
+    return total / count
+
+
+def test_block_by_block_fitness_is_the_whole_model_forward_bit_for_bit():
+    """Every state of a selection stage in one pass over the blocks, each on the device alone: the same KL."""
+    from sds_cli.engine.stream import capture
+
+    model, ids = tiny(), torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
+    geo, cfg = geometry(model), TyrConfig.preset(min_channels=4)
+    fitness, targets = search.Fitness(model, ids, 16, "cpu", False, None), _whole_model_targets(model, ids, 16)
+    net = plan(cfg, geo, {k: uniform(0.5, geo.count[k], 3) for k in KINDS}, 0)
+    search.build_supernet(model, capture(model, ids, 2, "cpu", False), net, cfg, geo, lambda i: None)
+    rng = random.Random(0)
+    states = [{k: [0, 0, 0] for k in KINDS}] + [c for c in (_mutate({k: [0, 0, 0] for k in KINDS}, net, rng)
+                                                           for _ in range(6)) if c]
+    got = fitness(net, states, [2, 0, 1], 40)
+    assert got == [_whole_model_fitness(model, net, ids, targets, s, [2, 0, 1], 40) for s in states]
+    assert len(set(got)) > 1
+
+
+def test_disk_candidates_choose_what_host_ones_do_and_leave_no_file(tmp_path):
+    @contextmanager
+    def bar(description, total):
+        yield lambda n=1: None
+
+    calib = torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for mode in ("host", "disk"):
+        cfg = TyrConfig.preset(min_channels=4, generations=2, offspring=4, selection=[[2, 16], [1, 32]],
+                               search_windows=3, candidates=mode)
+        out[mode] = search.prune(tiny(), calib, 0.5, cfg, "cpu", 0, 2, False, None, bar, tmp_path / mode)["extra"]
+        assert not any((tmp_path / mode).rglob("*.pt"))
+        assert all(it["candidate_bytes"] > 0 for it in out[mode]["iterations"])
+    assert out["host"]["distribution"] == out["disk"]["distribution"]
+    assert [it["fitness"] for it in out["host"]["iterations"]] == [it["fitness"] for it in out["disk"]["iterations"]]

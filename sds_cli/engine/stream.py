@@ -118,6 +118,17 @@ def _stubbed(model: nn.Module, device, record: Callable[[int, torch.Tensor, dict
         _move_non_block_params(model, layers, "cpu")
 
 
+@contextmanager
+def outside_blocks(model: nn.Module, device):
+    """Everything of the model but its decoder blocks (embeddings, final norm, head) on ``device`` meanwhile."""
+    layers = decoder_layers(model)
+    _move_non_block_params(model, layers, device)
+    try:
+        yield
+    finally:
+        _move_non_block_params(model, layers, "cpu")
+
+
 @torch.no_grad()
 def reference_outputs(model: nn.Module, window: torch.Tensor, device) -> list:
     """Each block's output (on the CPU) in the model's own forward on ``window``, one block on the
@@ -146,11 +157,14 @@ def reference_outputs(model: nn.Module, window: torch.Tensor, device) -> list:
 def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device, offload: bool,
             forms: list[int] | None = None) -> Stream:
     """Run the embeddings on the calibration windows and keep what enters the first block, and for
-    every block the keyword inputs the model's forward gives it. ``forms`` (each block's output form,
-    from ``check_replay``) saves a forward of one window through the whole model."""
+    every block the keyword inputs the model's forward gives it. ``windows`` is split into batches of
+    ``batch_size``, or is a list of batches already (of any lengths: each keeps its own keyword inputs).
+    ``forms`` (each block's output form, from ``check_replay``) saves a forward of one window through the
+    whole model."""
     layers = decoder_layers(model)
     store = torch.device("cpu") if offload else torch.device(device)
-    forms = forms or output_forms(reference_outputs(model, windows[:1], device))
+    batches = windows.split(batch_size) if isinstance(windows, torch.Tensor) else windows
+    forms = forms or output_forms(reference_outputs(model, batches[0][:1], device))
     intern = _Interner(store)
     hidden, kwargs = [], [[] for _ in layers]
 
@@ -160,7 +174,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int, device, of
         kwargs[i].append(intern(kw))
 
     with _stubbed(model, device, record, forms):
-        for batch in windows.split(batch_size):
+        for batch in batches:
             try:
                 model(batch.to(device), use_cache=False)
             except _Captured:

@@ -19,6 +19,9 @@ from sds_cli.engine.walk import model_linears
 from sds_cli.models import decoder_layers, stored
 from sds_cli.paths import preset
 from sds_cli.results.record import Record, git_commit, versions
+from sds_cli.sparsity import structured
+
+PAPERS = {"tyr": ("Týr-the-Pruner", "2503.09657"), "flap": ("FLAP", "2312.11983")}  # structured pruners' papers
 
 STAGES = {"oneshot": "one-shot (stage 1)", "sds": "Sparse-Dense-Sparse (stages 1-3)"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -92,7 +95,7 @@ def _numel(shape: list) -> int:
 def front_matter(config: dict, stage: str) -> dict:
     pruner = config["pruner"]["name"]
     tags = ["pruning", "sparsity", "sds-cli", pruner]
-    if pruner == "tyr":
+    if structured(pruner):
         tags += ["structured-pruning"]
     else:
         tags += ["unstructured-sparsity" if ":" not in str(config["sparsity"]) else "n:m-sparsity"]
@@ -122,20 +125,20 @@ def _value(v) -> str:
 
 def method(config: dict, stage: str) -> list[str]:
     pruner, redense, calib = config["pruner"], config["redense"], config["calib"]
-    structured = pruner["name"] == "tyr"
-    what = "whole attention heads and FFN channels removed (Týr-the-Pruner)" if structured else (
+    whole = structured(pruner["name"])
+    what = f"whole attention heads and FFN channels removed ({PAPERS[pruner['name']][0]})" if whole else (
         f"{STAGES[stage]}: {pruner['name']} at sparsity {config['sparsity']}")
     lines = ["| knob | value |", "| --- | --- |",
              f"| method | {what} |",
              f"| pruner | `{pruner['name']}`: {_knobs('pruner', pruner)} |",
              f"| sparsity (target) | `{config['sparsity']}`"
-             + (" (fraction of block parameters removed)" if structured else "") + " |"]
-    if not structured:
+             + (" (fraction of block parameters removed)" if whole else "") + " |"]
+    if not whole:
         lines.append(f"| linears pruned | decoder-block linears matching `{config['targets']}` (embeddings and "
                      "lm_head stay dense) |")
     if stage == "sds":
         lines.append(f"| redense | preset `{redense['name']}`: {_knobs('redense', redense)} |")
-    elif not structured and redense["name"] != "none":
+    elif not whole and redense["name"] != "none":
         lines.append(f"| redense | none for this model (the run's `{redense['name']}` stage comes after it) |")
     source = calib["source"] + (f" (`{calib['path']}`)" if calib.get("path") else "")
     data = "a local data root" if (config.get("data") or {}).get("root") else "the hub"
@@ -148,8 +151,8 @@ def method(config: dict, stage: str) -> list[str]:
 
 
 def sparsity(measured: dict, config: dict, extra: dict) -> list[str]:
-    if config["pruner"]["name"] == "tyr":
-        dense = (extra.get("tyr") or {}).get("block_params", {}).get("dense")
+    if structured(config["pruner"]["name"]):
+        dense = (extra.get(config["pruner"]["name"]) or {}).get("block_params", {}).get("dense")
         lines = [(f"A smaller dense model: its decoder blocks hold {measured['block_params']:,} parameters "
                   "(counted in the saved files)")]
         if dense:
@@ -197,7 +200,7 @@ def metrics_table(metrics: dict, stage: str, config: dict) -> list[str]:
     return [head, "", *table]
 
 
-TYR_TEXT = ("Týr removes whole heads and channels, so the layer shapes differ from the base architecture's "
+TYR_TEXT = ("Týr and FLAP remove whole heads and channels, so the layer shapes differ from the base architecture's "
             "(`config.json` records them as `pruned_structure`). The modeling file beside the weights "
             "(`modeling_tyr.py`, torch and transformers only) builds those shapes; no sds-cli needed:")
 COMPRESSED_TEXT = ("Saved in compressed-tensors' sparse format (the non-zero values plus a bitmask: llm-compressor's "
@@ -215,16 +218,18 @@ TRUST = ", trust_remote_code=True"
 
 
 def loading(config: dict) -> list[str]:
-    text, imports, call = LOAD["tyr" if config["pruner"]["name"] == "tyr" else config["save"]["format"]]
+    whole = structured(config["pruner"]["name"])
+    text, imports, call = LOAD["tyr" if whole else config["save"]["format"]]
     return [text, "", "```python", imports, "from transformers import AutoTokenizer", "",
-            f'model = {call}("path/to/this/dir"{TRUST if config["pruner"]["name"] == "tyr" else ""})', 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
+            f'model = {call}("path/to/this/dir"{TRUST if whole else ""})', 'tokenizer = AutoTokenizer.from_pretrained("path/to/this/dir")',
             "```"]
 
 
 def summary(config: dict, stage: str, extra: dict) -> str:
     pruner, pattern = config["pruner"]["name"], config["sparsity"]
-    if pruner == "tyr":
-        return (f"Týr-the-Pruner ([arXiv 2503.09657](https://arxiv.org/abs/2503.09657)) removed whole attention "
+    if structured(pruner):
+        paper, arxiv = PAPERS[pruner]
+        return (f"{paper} ([arXiv {arxiv}](https://arxiv.org/abs/{arxiv})) removed whole attention "
                 f"heads and FFN channels, {pattern} of the decoder blocks' parameters")
     text = f"{pruner} one-shot pruning to {pattern} sparsity"
     if stage == "sds":

@@ -9,23 +9,28 @@
    divergence of the dense model's next-token distribution (over its top-k tokens) to the candidate's,
    on few tokens for many offspring and more tokens for the few best.
 3. Iterations: the supernet is rebuilt around the best distribution at half the level spacing.
-The chosen structures are then removed physically (``structure.py``)."""
+The chosen structures are then removed physically (``structure.py``). The candidates stay off the accelerator
+(``candidates.py``) and every forward goes block by block through the engine, so the accelerator holds one
+block, its candidates under evaluation and the head, as in a one-shot stage."""
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from sds_cli.engine.stats import collect, relative_error
-from sds_cli.engine.stream import Stream, capture
+from sds_cli.engine.stream import Stream, capture, output_forms, outside_blocks, reference_outputs
 from sds_cli.engine.walk import BlockStage, walk
 from sds_cli.errors import ConfigError
 from sds_cli.models import decoder_layers
 from sds_cli.paths import preset
+from sds_cli.stages.tyr.candidates import STORES, Candidates
 from sds_cli.stages.tyr.local import LOCAL
 from sds_cli.stages.tyr.structure import OUTPUTS, Geometry, Kept, block_params, geometry, shrink
 
@@ -55,6 +60,7 @@ class TyrConfig:
     selection: list
     search_windows: int
     kl_topk: int
+    candidates: str
 
     @classmethod
     def preset(cls, name: str = "tyr", **overrides) -> TyrConfig:
@@ -71,6 +77,8 @@ class TyrConfig:
             raise ConfigError("pruner.progressive: structures removed per elimination round, >= 1 (or null)")
         if not self.selection or self.selection[-1][0] != 1 or any(s < 1 or t < 1 for s, t in self.selection):
             raise ConfigError("pruner.selection must be [[survivors, tokens], ...] ending in one survivor")
+        if self.candidates not in STORES:
+            raise ConfigError(f"pruner.candidates={self.candidates!r}; choose one of: {', '.join(STORES)}")
 
 
 def uniform(target: float, count: int, layers: int) -> list[int]:
@@ -94,21 +102,28 @@ class Supernet:
     centers: dict[str, list[int]]
     spacing: dict[str, int]
     offsets: dict[str, list[list[int]]]  # allowed level offsets per layer
-    weights: dict[tuple[int, str], dict[int, torch.Tensor]] = field(default_factory=dict)
-    order: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    candidates: Candidates
 
     def removed(self, kind: str, i: int, offset: int) -> int:
         return self.centers[kind][i] + offset * self.spacing[kind]
 
+    def order(self, i: int, kind: str) -> torch.Tensor:
+        return self.candidates.shape[(i, kind)][1]
 
-def plan(cfg: TyrConfig, geo: Geometry, centers: dict[str, list[int]], iteration: int) -> Supernet:
-    """The levels of one iteration: ``cfg.levels`` around each center at this iteration's spacing."""
+    def weight(self, i: int, kind: str, removed: int, device) -> torch.Tensor:
+        return self.candidates.get((i, kind), removed, device)
+
+
+def plan(cfg: TyrConfig, geo: Geometry, centers: dict[str, list[int]], iteration: int,
+         root: Path | None = None) -> Supernet:
+    """The levels of one iteration: ``cfg.levels`` around each center at this iteration's spacing, the
+    candidates kept as ``cfg.candidates`` says (``disk``: files under ``root``)."""
     fraction = cfg.step / 2**iteration
     spacing = {"attention": max(1, round(fraction * geo.heads)), "ffn": max(cfg.min_channels, round(fraction * geo.channels))}
     half = cfg.levels // 2  # the uniform distribution too: its accumulation mixes every level
     offsets = {kind: [[k for k in range(-half, half + 1) if 0 <= c + k * spacing[kind] <= geo.count[kind]]
                       for c in centers[kind]] for kind in KINDS}
-    return Supernet(centers, spacing, offsets)
+    return Supernet(centers, spacing, offsets, Candidates(cfg.candidates, root))
 
 
 def mix(candidates: dict[int, torch.Tensor], dense: torch.Tensor, center: int, count: int, mode: str) -> torch.Tensor:
@@ -144,9 +159,9 @@ class SupernetStage(BlockStage):
             weights, order = local(dense, gram, geo.group[kind], removals, rounds=cfg.rounds[kind],
                                    percdamp=cfg.percdamp, first_order=cfg.first_order,
                                    per_round=cfg.progressive[kind])
-            net.weights[(i, kind)], net.order[(i, kind)] = weights, order
             linear.weight.data = mix(weights, dense, net.centers[kind][i], geo.count[kind], cfg.accumulation)
             errors = {r: relative_error(dense.float(), w.float(), gram) for r, w in weights.items()}
+            net.candidates.put((i, kind), weights, order, geo.group[kind])
             rows.append(_Row(i, name, removals, [errors[r] for r in removals], time.perf_counter() - start))
         return rows
 
@@ -167,30 +182,87 @@ class _Row:
 
 class Fitness:
     """KL divergence of the dense model's next-token distribution, restricted to its top-k tokens, to
-    the candidate's on the same tokens (the reference code's sparse KL); lower is better."""
+    the candidate's on the same tokens (the reference code's sparse KL); lower is better. The forward goes
+    block by block through the engine, every state of a selection stage in one pass over the blocks: a block
+    goes to the device once, and each level of its candidates once, for the states that use it."""
 
-    def __init__(self, model, windows: torch.Tensor, topk: int, device: str):
-        self.model, self.windows, self.device = model, windows, device
-        self.targets = []
-        with torch.no_grad():
-            for w in windows:
-                logits = model(w[None].to(device)).logits[0, :-1].float()
-                values, index = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-                self.targets.append((F.log_softmax(values, -1).cpu(), index.cpu()))
+    def __init__(self, model, windows: torch.Tensor, topk: int, device: str, offload: bool,
+                 forms: list[int] | None):
+        self.model, self.windows, self.device, self.offload = model, windows, device, offload
+        self.forms = forms or output_forms(reference_outputs(model, windows[:1], device))
+        self.inputs: dict[tuple[int, int], tuple[torch.Tensor, list[dict]]] = {}  # (window, tokens): block inputs
+        self.targets = [None] * len(windows)
+        full = [(j, windows.shape[1] - 1) for j in range(len(windows))]
 
-    @torch.no_grad()
-    def __call__(self, picks: list[int], tokens: int) -> float:
-        total, count = 0.0, 0
+        def keep(state, k, logits):
+            values, index = logits[0, :-1].float().topk(min(topk, logits.shape[-1]), dim=-1)
+            self.targets[k] = (F.log_softmax(values, -1).cpu(), index.cpu())
+        self._forward(None, [None], full, keep)
+
+    def spans(self, picks: list[int], tokens: int) -> list[tuple[int, int]]:
+        """(window, tokens scored) in ``picks`` order until ``tokens`` are scored (the last window cut short)."""
+        out, count = [], 0
         for j in picks:
-            n = min(tokens - count, self.windows.shape[1] - 1)
-            logp, index = (t[:n].to(self.device) for t in self.targets[j])
-            logits = self.model(self.windows[j, : n + 1][None].to(self.device)).logits[0, :n].float()
-            logq = F.log_softmax(logits.gather(-1, index), -1)
-            total += (logp.exp() * (logp - logq)).sum().item()
-            count += n
+            out.append((j, min(tokens - count, self.windows.shape[1] - 1)))
+            count += out[-1][1]
             if count >= tokens:
                 break
-        return total / count
+        return out
+
+    @torch.no_grad()
+    def __call__(self, net: Supernet, states: list[dict[str, list[int]]], picks: list[int], tokens: int) -> list[float]:
+        """The fitness of each state (level offsets per layer) on ``tokens`` tokens of the windows in ``picks``."""
+        spans = self.spans(picks, tokens)
+        totals = [0.0] * len(states)
+
+        def kl(c, k, logits):
+            j, n = spans[k]
+            logp, index = (t[:n].to(self.device) for t in self.targets[j])
+            logq = F.log_softmax(logits[0, :n].float().gather(-1, index), -1)
+            totals[c] += (logp.exp() * (logp - logq)).sum().item()
+        self._forward(net, states, spans, kl)
+        return [t / sum(n for _, n in spans) for t in totals]
+
+    def _stream(self, spans: list[tuple[int, int]]) -> Stream:
+        """What enters the first block for each span (window j's first n + 1 tokens): whole windows captured once
+        and kept, a selection stage's one cut-short window captured for it alone."""
+        inputs = {s: self.inputs[s] for s in spans if s in self.inputs}
+        if new := [s for s in dict.fromkeys(spans) if s not in inputs]:
+            got = capture(self.model, [self.windows[j : j + 1, : n + 1] for j, n in new], 1, self.device,
+                          self.offload, self.forms)
+            for b, (j, n) in enumerate(new):
+                inputs[(j, n)] = (got.hidden[b], [kw[b] for kw in got.kwargs])
+                if n == self.windows.shape[1] - 1:
+                    self.inputs[(j, n)] = inputs[(j, n)]
+        blocks = len(decoder_layers(self.model))
+        return Stream([inputs[s][0] for s in spans], [[inputs[s][1][i] for s in spans] for i in range(blocks)],
+                      torch.device(self.device), torch.device("cpu") if self.offload else torch.device(self.device))
+
+    @torch.no_grad()
+    def _forward(self, net: Supernet | None, states: list, spans: list[tuple[int, int]], head: Callable) -> None:
+        """Each state's logits on each span, handed to ``head(state index, span index, logits)``; without
+        ``net``, the model as it is."""
+        stream = self._stream(spans)
+        hidden = [stream.hidden] * len(states)
+        for i, block in enumerate(decoder_layers(self.model)):
+            block.to(self.device)
+            linears = {kind: block.get_submodule(OUTPUTS[kind]) for kind in KINDS}
+            own, loaded = {kind: linear.weight.data for kind, linear in linears.items()}, {}
+
+            levels = [tuple(net.removed(kind, i, s[kind][i]) for kind in KINDS) if net else () for s in states]
+            for c in sorted(range(len(states)), key=levels.__getitem__):  # states sharing a level run in a row
+                for kind, removed in zip(KINDS, levels[c]):
+                    if loaded.get(kind) != removed:
+                        linears[kind].weight.data, loaded[kind] = net.weight(i, kind, removed, self.device), removed
+                hidden[c] = Stream(hidden[c], stream.kwargs, stream.device, stream.store, i).through(block).hidden
+            for kind, weight in own.items():
+                linears[kind].weight.data = weight
+            block.to("cpu")
+        norm, lm_head = self.model.model.norm, self.model.get_output_embeddings()
+        with outside_blocks(self.model, self.device):
+            for c, outputs in enumerate(hidden):
+                for k, h in enumerate(outputs):
+                    head(c, k, lm_head(norm(h.to(self.device))))
 
 
 def apply(model, net: Supernet, state: dict[str, list[int]]) -> None:
@@ -198,10 +270,10 @@ def apply(model, net: Supernet, state: dict[str, list[int]]) -> None:
     for i, block in enumerate(decoder_layers(model)):
         for kind in KINDS:
             linear = block.get_submodule(OUTPUTS[kind])
-            linear.weight.data = net.weights[(i, kind)][net.removed(kind, i, state[kind][i])]
+            linear.weight.data = net.weight(i, kind, net.removed(kind, i, state[kind][i]), linear.weight.device)
 
 
-def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.Random,
+def evolve(net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.Random,
            progress: Callable[[], None]) -> tuple[dict[str, list[int]], list[float]]:
     """The evolutionary search over level offsets; returns the best state and its fitness per generation
     (the centers and no generation where no mutation is possible, ``stuck``)."""
@@ -223,10 +295,7 @@ def evolve(model, net: Supernet, fitness: Fitness, cfg: TyrConfig, rng: random.R
             if (s == len(cfg.selection) - 1 or not children) and parent not in children:
                 children.append(parent)  # elitism: the parent competes in the final stage (or alone)
             picks = rng.sample(range(len(fitness.windows)), len(fitness.windows))
-            scores = []
-            for child in children:
-                apply(model, net, child)
-                scores.append(fitness(picks, tokens))
+            scores = fitness(net, children, picks, tokens)
             ranked = sorted(range(len(children)), key=scores.__getitem__)[:survivors]
             children, best = [children[r] for r in ranked], scores[ranked[0]]
         parent = children[0]
@@ -269,8 +338,9 @@ def _mutate(parent: dict[str, list[int]], net: Supernet, rng: random.Random) -> 
 
 
 def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str, seed: int, batch_size: int,
-          offload: bool, forms: list[int] | None, bar) -> dict:
-    """Týr end to end on ``model`` (in place, ending physically smaller); returns what results.json keeps."""
+          offload: bool, forms: list[int] | None, bar, workdir: Path) -> dict:
+    """Týr end to end on ``model`` (in place, ending physically smaller); returns what results.json keeps.
+    ``pruner.candidates=disk`` keeps each iteration's candidates in ``workdir``, removed once the stage ends."""
     geo = geometry(model)
     layers = decoder_layers(model)
     before = block_params(model)
@@ -280,32 +350,31 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
     fitness = None
     if cfg.search:
         with bar("Týr: dense top-k targets", 1) as advance:
-            fitness = Fitness(model.to(device), calib[: cfg.search_windows], cfg.kl_topk, device)
-            model.to("cpu")
+            fitness = Fitness(model, calib[: cfg.search_windows], cfg.kl_topk, device, offload, forms)
             advance()
     iterations, records = [], []
     for t in range(cfg.iterations if cfg.search else 1):
         for (i, kind), weight in dense.items():
             layers[i].get_submodule(OUTPUTS[kind]).weight.data = weight
-        net = plan(cfg, geo, centers, t)
+        shutil.rmtree(workdir / "candidates", ignore_errors=True)  # the last iteration's files
+        net = plan(cfg, geo, centers, t, workdir / "candidates")
         with bar(f"Týr supernet {t + 1}: {cfg.accumulation} accumulation", len(layers)) as advance:
             stream = capture(model, calib, batch_size, device, offload, forms)
             records = build_supernet(model, stream, net, cfg, geo, lambda i: advance())
             del stream
         state = {kind: [0] * len(layers) for kind in KINDS}
-        entry = {"spacing": dict(net.spacing), "fitness": []}
+        entry = {"spacing": dict(net.spacing), "fitness": [], "candidate_bytes": net.candidates.bytes()}
         if cfg.search and (reason := stuck(net, state)):
             entry["skipped"] = reason  # the centers stand
             with bar(f"Týr search {t + 1}: skipped, {reason}", 1) as advance:
                 advance()
         elif cfg.search:
-            model.to(device)
             with bar(f"Týr search {t + 1}: {cfg.generations} generations", cfg.generations) as advance:
-                state, entry["fitness"] = evolve(model, net, fitness, cfg, rng, advance)
-            model.to("cpu")
+                state, entry["fitness"] = evolve(net, fitness, cfg, rng, advance)
         iterations.append(entry)
         centers = {kind: [net.removed(kind, i, k) for i, k in enumerate(state[kind])] for kind in KINDS}
     apply(model, net, state)
+    shutil.rmtree(workdir / "candidates", ignore_errors=True)
     kept = [Kept(heads=_kept(net, i, "attention", centers), channels=_kept(net, i, "ffn", centers))
             for i in range(len(layers))]
     shrink(model, kept)
@@ -320,7 +389,7 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
 
 
 def _kept(net: Supernet, i: int, kind: str, centers: dict[str, list[int]]) -> list[int]:
-    order = net.order[(i, kind)]
+    order = net.order(i, kind)
     return sorted(order[centers[kind][i]:].tolist())
 
 

@@ -76,17 +76,19 @@ def geometry(model: nn.Module) -> Geometry:
 
 @dataclass
 class Kept:
-    """The structures one block keeps: query head indices and FFN channel indices."""
+    """The structures one block keeps: query head indices and FFN channel indices; ``bias``: o_proj and
+    down_proj carry a bias (FLAP's compensation)."""
 
     heads: list[int]
     channels: list[int]
+    bias: bool = False
 
 
 def shrink_block(block: nn.Module, kept: Kept, geo: Geometry) -> None:
     """Remove the structures ``kept`` does not name from ``block``, in place."""
     from sds_cli.stages.tyr.modeling_tyr import cut  # imports the model classes of its families: on use
 
-    cut(block, kept.heads, kept.channels, geo.heads // geo.kv_heads, geo.head_dim)
+    cut(block, kept.heads, kept.channels, geo.heads // geo.kv_heads, geo.head_dim, kept.bias)
 
 
 def _loadable(model: nn.Module) -> None:
