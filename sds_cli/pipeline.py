@@ -232,37 +232,37 @@ def sds_stage(run: Run) -> None:
         run.save("model")
 
 
-def tyr_stage(run: Run) -> None:
-    """Týr: supernet, search, and the physically smaller model (recorded as the ``oneshot`` stage)."""
+def _tyr(run: Run) -> dict:
     from sds_cli.stages.tyr.search import prune
 
     cfg = run.cfg
-    with run.record.stage("oneshot"):
-        out = prune(run.lm.model, run.calib, run.pattern.sparsity, TyrConfig(**cfg.pruner), run.device, cfg.seed,
-                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar, run.record.path.parent)
-    run.record.layers["tyr"] = out["layers"]
-    run.record.extra["tyr"] = out["extra"]
-    for row in out["extra"]["distribution"]:  # heads and channels kept, per block
-        run.tracker.block("tyr", row["block"], [row])
-    run.evaluate_stage("oneshot")
-    if cfg.save.final:
-        run.save("model")
+    return prune(run.lm.model, run.calib, run.pattern.sparsity, TyrConfig(**cfg.pruner), run.device, cfg.seed,
+                 cfg.engine.batch_size, cfg.engine.offload, run.forms, bar, run.record.path.parent)
 
 
-def flap_stage(run: Run) -> None:
-    """FLAP: fluctuation, the adaptive structure, bias compensation, the smaller model (the ``oneshot`` stage)."""
+def _flap(run: Run) -> dict:
     from sds_cli.stages.flap import prune
 
     cfg = run.cfg
+    return prune(run.lm.model, run.calib, run.pattern.sparsity, FlapConfig(**cfg.pruner), run.device,
+                 cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
+
+
+STRUCTURED: dict[str, Callable[[Run], dict]] = {"tyr": _tyr, "flap": _flap}
+
+
+def structured_stage(run: Run) -> None:
+    """Týr (supernet, search) or FLAP (fluctuation, adaptive structure, bias compensation): the physically
+    smaller model, recorded as the ``oneshot`` stage."""
+    name = method(run.cfg)
     with run.record.stage("oneshot"):
-        out = prune(run.lm.model, run.calib, run.pattern.sparsity, FlapConfig(**cfg.pruner), run.device,
-                    cfg.engine.batch_size, cfg.engine.offload, run.forms, bar)
-    run.record.layers["flap"] = out["layers"]
-    run.record.extra["flap"] = out["extra"]
-    for row in out["extra"]["distribution"]:
-        run.tracker.block("flap", row["block"], [row])
+        out = STRUCTURED[name](run)
+    run.record.layers[name] = out["layers"]
+    run.record.extra[name] = out["extra"]
+    for row in out["extra"]["distribution"]:  # heads and channels kept, per block
+        run.tracker.block(name, row["block"], [row])
     run.evaluate_stage("oneshot")
-    if cfg.save.final:
+    if run.cfg.save.final:
         run.save("model")
 
 
@@ -270,8 +270,8 @@ METHODS: dict[str, list[Callable[[Run], None]]] = {
     "dense": [],
     "oneshot": [replay_guard, oneshot_stage],
     "sds": [replay_guard, oneshot_stage, sds_stage],
-    "tyr": [replay_guard, tyr_stage],
-    "flap": [replay_guard, flap_stage],
+    "tyr": [replay_guard, structured_stage],
+    "flap": [replay_guard, structured_stage],
 }
 
 
