@@ -79,17 +79,22 @@ def test_bias_compensation_lowers_the_output_error_on_calibration_inputs():
         assert torch.allclose(bias, (x @ linear.weight.T - part).mean(0), atol=1e-5)  # the optimal constant
 
 
+def assert_reloads_exactly(model, path, ids):
+    """Saved to ``path``, the model loads back with both loaders and gives the very same logits."""
+    model.save_pretrained(path)
+    with torch.no_grad():
+        got = model(ids).logits
+        assert torch.equal(load_pruned(path)(ids).logits, got)
+        hub = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+        assert torch.equal(hub(ids).logits, got)
+
+
 def test_flap_model_with_biases_saves_and_reloads_with_identical_logits(tmp_path):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
     model = tiny()
     flap.prune(model, CALIB, 0.5, flap.FlapConfig.preset(), "cpu", 2, False, None, bar)
     assert all(b.mlp.down_proj.bias is not None and b.mlp.down_proj.bias.abs().sum() > 0 for b in model.model.layers)
-    model.save_pretrained(tmp_path / "flap")
-    with torch.no_grad():
-        got = model(ids).logits
-        assert torch.equal(load_pruned(tmp_path / "flap")(ids).logits, got)
-        hub = AutoModelForCausalLM.from_pretrained(tmp_path / "flap", trust_remote_code=True, dtype=torch.float32)
-        assert torch.equal(hub(ids).logits, got)
+    assert_reloads_exactly(model, tmp_path / "flap", ids)
     # a block with no head left keeps o_proj's bias (the attention's whole mean output) in its NoAttention
     headless = tiny()
     shrink(headless, [Kept([], list(range(40)), True), Kept([0, 1, 5], list(range(0, 96, 3)), True),
@@ -97,12 +102,7 @@ def test_flap_model_with_biases_saves_and_reloads_with_identical_logits(tmp_path
     for block in headless.model.layers:
         for module in (getattr(block.self_attn, "o_proj", block.self_attn), block.mlp.down_proj):
             module.bias.data = torch.randn(96)
-    headless.save_pretrained(tmp_path / "headless")
-    with torch.no_grad():
-        got = headless(ids).logits
-        assert torch.equal(load_pruned(tmp_path / "headless")(ids).logits, got)
-        hub = AutoModelForCausalLM.from_pretrained(tmp_path / "headless", trust_remote_code=True, dtype=torch.float32)
-        assert torch.equal(hub(ids).logits, got)
+    assert_reloads_exactly(headless, tmp_path / "headless", ids)
 
 
 def test_flap_end_to_end_and_bad_input(run_main, tmp_path):

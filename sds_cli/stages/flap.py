@@ -23,9 +23,8 @@ import torch
 
 from sds_cli.engine.stream import block_inputs, capture
 from sds_cli.engine.walk import BlockStage, walk
-from sds_cli.errors import ConfigError
 from sds_cli.models import decoder_layers
-from sds_cli.paths import preset
+from sds_cli.paths import Preset
 from sds_cli.stages.tyr.structure import OUTPUTS, Geometry, Kept, block_params, geometry, shrink
 
 KINDS = ("attention", "ffn")
@@ -33,20 +32,13 @@ HEAD_SCORE = {"sum": torch.sum, "mean": torch.mean}
 
 
 @dataclass
-class FlapConfig:
+class FlapConfig(Preset):
     """``conf/pruner/flap.yaml``: its defaults and their meaning live there, once."""
 
+    GROUP, DEFAULT, CHOICES = "pruner", "flap", {"head_score": tuple(HEAD_SCORE)}
     name: str
     head_score: str
     bias: bool
-
-    @classmethod
-    def preset(cls, name: str = "flap", **overrides) -> FlapConfig:
-        return cls(**preset("pruner", name) | overrides)
-
-    def __post_init__(self):
-        if self.head_score not in HEAD_SCORE:
-            raise ConfigError(f"pruner.head_score={self.head_score!r}; choose one of: {', '.join(HEAD_SCORE)}")
 
 
 @dataclass

@@ -23,14 +23,14 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from sds_cli.engine.stats import Frozen, LayerStats, collect
 from sds_cli.engine.stream import Stream, sync
 from sds_cli.engine.walk import BlockStore, GroupStage, model_linears, selected_linears
-from sds_cli.errors import ConfigError
-from sds_cli.paths import preset
+from sds_cli.paths import Preset
 from sds_cli.pruners.base import Pruner
 from sds_cli.sparsity import Pattern, mask_from_scores
 from sds_cli.stages.redense.solvers import Descent, Objective, admm, minimize, refit
@@ -43,9 +43,11 @@ ADJUST_LABEL = {"admm": "ADMM adjust", "soft": "soft-mask adjust", "fixed": "fix
 
 
 @dataclass
-class RedenseConfig:
+class RedenseConfig(Preset):
     """A ``conf/redense/*.yaml`` preset: its defaults and their meaning live there, once."""
 
+    GROUP, DEFAULT = "redense", "sds"
+    CHOICES: ClassVar[dict[str, tuple]] = CHOICES
     name: str
     inputs: str
     target: str
@@ -61,10 +63,6 @@ class RedenseConfig:
     admm_growth: float
     early_exit: bool
     sequential: bool
-
-    @classmethod
-    def preset(cls, name: str = "sds", **overrides) -> RedenseConfig:
-        return cls(**preset("redense", name) | overrides)
 
     @property
     def label(self) -> str:
@@ -83,10 +81,6 @@ class RedenseConfig:
     def descent(self) -> Descent:
         return Descent(self.optimizer, self.lr, self.solver)
 
-    def __post_init__(self):
-        for key, choices in CHOICES.items():
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"redense.{key}={getattr(self, key)!r}; choose one of: {', '.join(choices)}")
 
 
 @dataclass
