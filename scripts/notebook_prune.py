@@ -42,9 +42,10 @@ def perplexity(m) -> float:
 
 dense_ppl = perplexity(model)
 
-# Cell 3: prune in place. Texts are cut into seqlen-token windows; any unstructured pruner and redense preset.
+# Cell 3: prune in place on [windows, seqlen] token ids (texts work too); any unstructured pruner and redense preset.
 start = time.perf_counter()
-result = sds_cli.prune(model, tokenizer, [valid[: 40 * args.windows * args.seqlen]], pruner="sparsegpt",
+calibration = tokenizer(valid, return_tensors="pt").input_ids[0][: args.windows * args.seqlen]
+result = sds_cli.prune(model, tokenizer, calibration.reshape(args.windows, args.seqlen), pruner="sparsegpt",
                        sparsity="2:4", redense="sds", seqlen=args.seqlen)
 seconds = time.perf_counter() - start
 
