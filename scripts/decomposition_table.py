@@ -1,0 +1,47 @@
+"""The decomposition table from scripts/decompose.py's output: one row per setting, one column per variant.
+
+    python scripts/decomposition_table.py DIR [DIR ...]   # each DIR holds one setting's column directories
+
+Perplexities are test (WikiText-2) / validation; seconds are the column's own stage (the one-shot stage for
+``oneshot`` and ``admm``, stages 2-3 for the re-dense columns), without evaluation. Prints Markdown."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = ["oneshot", "adjust_only", "admm", "sds_paper", "default"]
+TITLES = {"oneshot": "one-shot", "adjust_only": "one-shot + ADMM adjust (`redense.iters=0`)",
+          "admm": "`pruner=admm` alone", "sds_paper": "`redense=sds_paper`", "default": "default `redense=sds`"}
+
+
+def cells(setting: Path) -> tuple[str, dict[str, tuple[dict, float]]]:
+    """The setting's name and, per column, its metrics and seconds."""
+    out = {}
+    for column in sorted(p for p in setting.iterdir() if (p / "results.json").is_file()):
+        r = json.loads((column / "results.json").read_text())
+        stage = "oneshot" if column.name == "admm" else "sds"  # admm is a one-shot pruner: its stage 1
+        out[column.name] = (r["metrics"][stage], r["seconds"][stage])
+        if stage == "sds":
+            out.setdefault("oneshot", (r["metrics"]["oneshot"], r["seconds"]["oneshot"]))
+    return setting.name.replace("_", " ").replace("-", ":"), out
+
+
+def cell(row: dict, column: str) -> str:
+    if column not in row:
+        return ""
+    m, seconds = row[column]
+    return f"{m['ppl_wikitext2']:.2f} / {m['ppl_validation']:.2f} ({seconds / 60:.1f} min)"
+
+
+def main(dirs: list[str]) -> None:
+    rows = [cells(Path(d)) for d in dirs]
+    present = [c for c in ORDER if any(c in row for _, row in rows)]
+    print("| setting | " + " | ".join(TITLES[c] for c in present) + " |")
+    print("| --- |" + " ---: |" * len(present))
+    for name, row in rows:
+        print(f"| {name} | " + " | ".join(cell(row, c) for c in present) + " |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
