@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import TINY
 from test_families import tiny, windows
 
 from sds_cli.engine import experts as experts_module
@@ -103,3 +104,17 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude():
     sds = sds_model(model, stream, dense, build_pruner("sparsegpt"), HALF, ".*", RedenseConfig.preset("sds", iters=5))
     assert all(r["kept"] == "oneshot" for r in sds if ".experts.3." in r["layer"])
     assert all(torch.equal(views[n].weight, w) for n, w in magnitude.items())
+
+
+def test_the_cli_prunes_every_expert_of_the_tiny_mixtral_preset(run_main):
+    """`sds-run model=tiny-mixtral`: every expert matrix pruned by stage 1 and SDS, with its routed tokens recorded."""
+    code, err, results = run_main("model=tiny-mixtral", "pruner=sparsegpt", "sparsity=0.5", "redense.iters=5",
+                                  "redense.adjust_iters=5", *TINY)
+    assert code == 0, err
+    for stage in ("oneshot", "sds"):
+        cover = results["coverage"][stage]
+        assert cover["pruned_fraction"] == 1.0 and cover["zeros_pruned"] == cover["zeros_block"] == 0.5
+    tokens = results["config"]["calib"]["nsamples"] * results["config"]["calib"]["seqlen"]
+    for block in (0, 1):  # each token reaches top-k = 2 experts: the experts' token counts add up to twice the tokens
+        gates = [r for r in results["layers"]["oneshot"] if r["block"] == block and r["layer"].endswith("gate_proj")]
+        assert len(gates) == 4 and sum(r["tokens"] for r in gates) == 2 * tokens
