@@ -4,7 +4,8 @@ Columns whose overrides touch only ``redense`` share the one-shot stage: it runs
 its weights and runs stages 2-3 and their evaluation, so a setting costs one one-shot plus the variants. Every
 other column (``pruner=admm redense=none``) is a run of its own. Each column writes the results.json that
 ``sds-run`` with the same overrides writes (its whole config, metrics, layers, masks, stage seconds), plus
-``shared_oneshot``: the column whose one-shot stage it started from.
+``shared_oneshot``: the column whose one-shot stage it started from. (``scripts/sds_study.py`` instead scores
+variants on validation text only, to choose one; this writes the records a reported table is made from.)
 
   SDS_DATA_ROOT=DIR python scripts/decompose.py --out DIR -- experiment=cpu_protocol pruner=wanda sparsity=2:4 \
       'eval.zeroshot.tasks=[]'
