@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from sds_cli.errors import ConfigError
 from sds_cli.stages.tyr import search
 from sds_cli.stages.tyr.local import _score, obs_levels, wanda_levels
-from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, budget, mix, plan, uniform
+from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, mix, paper_budget, params_budget, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
 GQA = {"vocab_size": 128, "hidden_size": 96, "intermediate_size": 96, "num_hidden_layers": 3,
@@ -133,10 +133,29 @@ def test_uniform_spreads_whole_structures_to_the_exact_total():
 def test_budget_removes_the_target_fraction_of_block_parameters():
     for arch in ({}, {"num_key_value_heads": 6}):
         geo = geometry(tiny(**arch))
-        fractions = budget(0.5, geo)
+        fractions = params_budget(0.5, geo)
         removed = fractions["attention"] * geo.heads * geo.head_params + fractions["ffn"] * geo.params["ffn"]
         assert removed == pytest.approx(0.5 * sum(geo.params.values()))
-    assert budget(0.5, geometry(tiny(num_key_value_heads=6))) == {"attention": 0.5, "ffn": 0.5}
+    assert params_budget(0.5, geometry(tiny(num_key_value_heads=6))) == {"attention": 0.5, "ffn": 0.5}
+    assert params_budget(0.5, geometry(tiny()))["ffn"] > 0.5  # grouped-query: the FFN pays for kept key/value heads
+    assert paper_budget(0.5, geometry(tiny())) == {"attention": 0.5, "ffn": 0.5}
+
+
+@pytest.mark.parametrize("name, removes_target", [("params", True), ("paper", False)])
+def test_the_paper_budget_cuts_half_the_columns_and_fewer_parameters_on_grouped_query(tmp_path, name,
+                                                                                      removes_target):
+    """budget=paper removes half of o_proj's and down_proj's columns; on a grouped-query model whose key/value
+    heads are all still read, that is less than half the block parameters, which budget=params removes."""
+    @contextmanager
+    def bar(description, total):
+        yield lambda n=1: None
+
+    model, calib = tiny(num_hidden_layers=1), torch.randint(0, 128, (4, 17), generator=torch.Generator().manual_seed(0))
+    cfg = TyrConfig.preset(search=False, min_channels=4, budget=name)
+    out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar, tmp_path)["extra"]
+    assert out["distribution"][0]["heads_kept"] == 3
+    assert (out["distribution"][0]["channels_kept"] == 48) is not removes_target
+    assert (out["block_params"]["removed_fraction"] == pytest.approx(0.5, abs=0.02)) is removes_target
 
 
 def test_mutations_keep_each_budget_and_stay_on_the_supernet():
@@ -179,7 +198,7 @@ def test_tyr_on_a_one_layer_model_skips_the_search_and_says_why(tmp_path):
     out = search.prune(model, calib, 0.5, cfg, "cpu", 0, 2, False, None, bar, tmp_path)["extra"]
     assert [it["skipped"] for it in out["iterations"]] == ["one decoder layer: no budget can move between layers"] * 2
     kept = out["distribution"][0]
-    assert kept["heads_kept"] == 3 and kept["channels_kept"] == 96 - round(budget(0.5, geo)["ffn"] * 96)  # the centers
+    assert kept["heads_kept"] == 3 and kept["channels_kept"] == 96 - round(params_budget(0.5, geo)["ffn"] * 96)  # the centers
 
 
 def test_expectation_mixes_candidates_by_density():
@@ -255,6 +274,7 @@ def test_tyr_end_to_end_yields_a_smaller_model_that_reloads(run_main, tmp_path):
     (["redense=sds"], "does not apply"),
     (["pruner.accumulation=mean"], "choose one of: expectation, median, off"),
     (["pruner.local=taylor"], "choose one of: obs, wanda"),
+    (["pruner.budget=flops"], "choose one of: params, paper"),
     (["model=tiny-opt"], "pruner=tyr needs"),
 ])
 def test_bad_tyr_input_is_one_line(run_main, args, message):

@@ -61,6 +61,7 @@ class TyrConfig:
     search_windows: int
     kl_topk: int
     candidates: str
+    budget: str
 
     @classmethod
     def preset(cls, name: str = "tyr", **overrides) -> TyrConfig:
@@ -79,6 +80,8 @@ class TyrConfig:
             raise ConfigError("pruner.selection must be [[survivors, tokens], ...] ending in one survivor")
         if self.candidates not in STORES:
             raise ConfigError(f"pruner.candidates={self.candidates!r}; choose one of: {', '.join(STORES)}")
+        if self.budget not in BUDGETS:
+            raise ConfigError(f"pruner.budget={self.budget!r}; choose one of: {', '.join(BUDGETS)}")
 
 
 def uniform(target: float, count: int, layers: int) -> list[int]:
@@ -86,12 +89,22 @@ def uniform(target: float, count: int, layers: int) -> list[int]:
     return [round((i + 1) * target * count) - round(i * target * count) for i in range(layers)]
 
 
-def budget(target: float, geo: Geometry) -> dict[str, float]:
+def params_budget(target: float, geo: Geometry) -> dict[str, float]:
     """The fraction of heads and of FFN channels to remove so that ``target`` of the block parameters
     goes: heads at ``target``, and the FFN also covers the key/value heads that grouped-query attention
     keeps while any query head still reads them."""
     removed = target * sum(geo.params.values()) - target * geo.heads * geo.head_params
     return {"attention": target, "ffn": min(1.0, max(0.0, removed / geo.params["ffn"]))}
+
+
+def paper_budget(target: float, geo: Geometry) -> dict[str, float]:
+    """The paper's and the reference code's budget: ``target`` of o_proj's columns (query heads) and of
+    down_proj's (FFN channels). Key/value heads that a kept query head reads stay, so on grouped-query models
+    less than ``target`` of the block parameters goes."""
+    return {"attention": target, "ffn": target}
+
+
+BUDGETS = {"params": params_budget, "paper": paper_budget}
 
 
 @dataclass
@@ -345,7 +358,8 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
     layers = decoder_layers(model)
     before = block_params(model)
     dense = {(i, kind): b.get_submodule(OUTPUTS[kind]).weight.data.clone() for i, b in enumerate(layers) for kind in KINDS}
-    centers = {kind: uniform(fraction, geo.count[kind], len(layers)) for kind, fraction in budget(target, geo).items()}
+    fractions = BUDGETS[cfg.budget](target, geo)
+    centers = {kind: uniform(fraction, geo.count[kind], len(layers)) for kind, fraction in fractions.items()}
     rng = random.Random(seed)
     fitness = None
     if cfg.search:
@@ -382,7 +396,7 @@ def prune(model, calib: torch.Tensor, target: float, cfg: TyrConfig, device: str
     return {"layers": records, "extra": {
         "distribution": [{"block": i, "heads_kept": len(k.heads), "channels_kept": len(k.channels),
                           "kv_heads_kept": _kv(layers[i])} for i, k in enumerate(kept)],
-        "budget": budget(target, geo),
+        "budget": fractions,
         "block_params": {"dense": before, "pruned": after, "removed_fraction": 1 - after / before},
         "geometry": vars(geo) | {"params_per_block": geo.params},
         "iterations": iterations}}
