@@ -24,7 +24,7 @@ Levels = Callable[..., tuple[dict[int, torch.Tensor], torch.Tensor]]
 
 
 def _prepare(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    w, h = weight.double(), gram.double().clone()
+    w, h = weight.double(), gram.to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0  # inputs never active: their columns carry nothing
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -61,7 +61,10 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     w0, h = _prepare(weight, gram, percdamp)
     g = w0 @ h
     n = w0.shape[1] // size
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    factor = torch.linalg.cholesky(h)
+    del h  # at most two [in, in] float64 matrices live at once: an 8B down_proj's is 1.6 GB
+    hinv = torch.cholesky_inverse(factor)
+    del factor
     u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
     alive = torch.ones(n, dtype=torch.bool, device=w0.device)
     per_round = per_round or max(1, math.ceil(max(removals) / rounds))
@@ -71,9 +74,9 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
             score = _score(u, hinv, g, alive, size, first_order)
             pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
             cols = _columns(pick, size)
-            inv = torch.linalg.inv(hinv[cols][:, cols])
-            u -= u[:, cols] @ inv @ hinv[cols, :]
-            hinv -= hinv[:, cols] @ inv @ hinv[cols, :]
+            inv, rows = torch.linalg.inv(hinv[cols][:, cols]), hinv[cols, :]
+            u.addmm_(u[:, cols] @ inv, rows, alpha=-1)  # in place: no [in, in] temporary
+            hinv.addmm_(hinv[:, cols] @ inv, rows, alpha=-1)
             hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
             alive[pick], removed = False, removed + len(pick)
             order.append(pick)
