@@ -30,6 +30,7 @@ class Source:
     read: Callable[[Path], list[str]] = lambda path: [path.read_text(encoding="utf-8")]
     joiner: dict[str, str] = field(default_factory=dict)
     documents: bool = False  # calibration draws whole documents (C4) instead of windows of one stream
+    parts: dict[str, tuple[float, float]] = field(default_factory=dict)  # a split as a slice of its file's rows
 
 
 def _hub(path: str, name: str | None = None, column: str = "text", **kwargs) -> Callable[[str], list[str]]:
@@ -91,12 +92,23 @@ SOURCES: dict[str, Source] = {
         _lines,
         {"train": " ", "test": " "},
     ),
-    "shakespeare": Source(_unavailable("tinyshakespeare"), {"train": "tinyshakespeare/input.txt"}),
+    # one text cut in halves by lines: calibration and validation from the first, test from the second, so that a
+    # test window is never calibrated or tuned on
+    "shakespeare": Source(
+        _unavailable("tinyshakespeare"),
+        dict.fromkeys(("train", "validation", "test"), "tinyshakespeare/input.txt"),
+        _lines,
+        dict.fromkeys(("train", "validation", "test"), "\n"),
+        parts={"train": (0, 0.5), "validation": (0, 0.5), "test": (0.5, 1)},
+    ),
 }
 HUB_SPLITS = {"wikitext2": {"train": "train", "test": "test"}, "wikitext2-valid": {"train": "validation"},
               "c4": {"train": "train", "test": "validation"}, "ptb": {"train": "train", "test": "validation"}}
 CHOICES = (*SOURCES, "embedded", "file")
-EVAL_CHOICES = (*CHOICES, "validation")  # validation: the calibration text outside the calibration windows
+# eval datasets read from a split other than "test": a corpus's held-out half, to choose settings on text of another
+# domain than the calibration's without touching its test windows
+EVAL_SPLITS = {"shakespeare-validation": ("shakespeare", "validation")}
+EVAL_CHOICES = (*CHOICES, *EVAL_SPLITS, "validation")  # validation: the calibration text outside the calibration windows
 
 
 @functools.cache
@@ -133,7 +145,9 @@ def load_texts(source: str, split: str, root: str | None, path: str | None = Non
     file = Path(root).expanduser() / spec.files[split]
     if not file.is_file():
         raise ConfigError(f"data.root {root} lacks {spec.files[split]} (needed for {source} {split})")
-    return spec.read(file)
+    rows = spec.read(file)
+    start, stop = spec.parts.get(split, (0, 1))
+    return rows[round(start * len(rows)) : round(stop * len(rows))]
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -195,12 +209,13 @@ def validation_windows(tokenizer, calib, seed: int, root: str | None, seqlen: in
     return ids[: len(free) * seqlen].reshape(-1, seqlen)[keep]
 
 
-def eval_tokens(tokenizer, source: str, root: str | None, path: str | None = None) -> torch.Tensor:
+def eval_tokens(tokenizer, name: str, root: str | None, path: str | None = None) -> torch.Tensor:
     """The whole evaluation text tokenized once (C4: the first 1100 validation documents, as SparseGPT)."""
-    rows = load_texts(source, "test", root, path)
+    source, split = EVAL_SPLITS.get(name, (name, "test"))
+    rows = load_texts(source, split, root, path)
     if source == "c4":
         rows = rows[:1100]
-    joiner = SOURCES[source].joiner.get("test", "") if source in SOURCES else ""
+    joiner = SOURCES[source].joiner.get(split, "") if source in SOURCES else ""
     return tokenize(tokenizer, joiner.join(rows))
 
 

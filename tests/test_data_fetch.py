@@ -98,8 +98,13 @@ def test_wikitext_is_the_original_file_format(root):
     assert (root / "wikitext-2/test.txt").read_text().splitlines() == [t.rstrip("\n") or " " for t in TEST]
 
 
-def test_shakespeare_is_the_one_text(root):
-    assert data.load_texts("shakespeare", "train", str(root)) == ["".join(SHAKESPEARE.values())]
+def test_shakespeare_is_the_one_text_cut_in_halves_by_lines(root):
+    lines = "".join(SHAKESPEARE.values()).splitlines()
+    train, test = (data.load_texts("shakespeare", split, str(root)) for split in ("train", "test"))
+    assert train + test == lines and len(train) == len(lines) // 2  # disjoint halves, the whole text
+    assert data.load_texts("shakespeare", "validation", str(root)) == train
+    assert data.eval_tokens(data.tiny_tokenizer(), "shakespeare-validation", str(root)).tolist() == \
+        data.tiny_tokenizer()("\n".join(train)).input_ids
 
 
 @pytest.mark.skipif(not (DATA / "wikitext-2-raw" / "wiki.test.raw").is_file(), reason=f"no shared data at {DATA}")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HAS_SMOLLM2, ROOT, TINY, model_cfg, run_cli
+from conftest import DATA, HAS_SMOLLM2, ROOT, TINY, model_cfg, run_cli
 from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
@@ -79,6 +79,22 @@ def test_bad_values_in_a_sweep_are_recorded_as_failed_jobs(tmp_path):
     assert "cannot load dataset" in proc.stderr and proc.returncode != 0
     proc, _ = run_cli(tmp_path, "model=tiny-llama", *TINY, "eval.seqlen=4096", check=False)
     assert "exceeds tiny-llama's maximum" in proc.stderr
+
+
+@pytest.mark.skipif(not (DATA / "tinyshakespeare" / "input.txt").is_file(), reason=f"no shared data at {DATA}")
+def test_the_cross_domain_texts_are_the_halves_of_tiny_shakespeare(run_main):
+    """The cross-domain leg's texts: shakespeare (test) from the second half of the lines, shakespeare-validation
+    from the first, each with its own perplexity in results.json."""
+    quick = [a for a in TINY if not a.startswith("eval.datasets=")]
+    code, stderr, results = run_main("model=tiny-llama", "pruner=none", *quick, f"data.root={DATA}",
+                                     "eval.datasets=[shakespeare,shakespeare-validation]")
+    assert code == 0, stderr[-2000:]
+    dense = results["metrics"]["dense"]
+    assert dense["tokens_shakespeare"] == dense["tokens_shakespeare-validation"] == 4 * 63
+    lines = (DATA / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8").splitlines()
+    half = data.load_texts("shakespeare", "test", str(DATA))
+    assert half == lines[len(lines) // 2:] and data.load_texts("shakespeare", "validation", str(DATA)) == lines[:len(lines) // 2]
+    assert dense["ppl_shakespeare"] != dense["ppl_shakespeare-validation"]
 
 
 def test_help_and_cfg_job():

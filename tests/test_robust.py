@@ -159,3 +159,15 @@ def test_bench_applies_and_finds_two_four_patterns():
     found = two_four_linears(lm.model)
     assert len(found) == 12 and all(is_two_four(lin.weight) for lin in found.values())
     assert not is_two_four(torch.ones(4, 8))
+
+
+def test_a_held_out_half_that_calibration_draws_from_is_refused(run_main, model_dirs):
+    """eval dataset shakespeare-validation is the half of Tiny Shakespeare that calib=shakespeare draws from."""
+    (model_dirs / "tinyshakespeare").mkdir()
+    (model_dirs / "tinyshakespeare" / "input.txt").write_text("First Citizen:\nSpeak, speak.\n" * 400)
+    quick = [a for a in TINY if not a.startswith(("calib=", "eval.datasets="))]
+    code, stderr, results = run_main("model=tiny-llama", *quick, "calib=shakespeare", f"data.root={model_dirs}",
+                                     "eval.datasets=[shakespeare-validation]")
+    last = stderr.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in stderr and (results is None or results["status"] == "failed")
+    assert "is the half of the shakespeare text that calibration draws from; choose 'validation'" in last
