@@ -1,13 +1,14 @@
 """The decomposition table from scripts/decompose.py's output: one row per setting, one column per variant.
 
     python scripts/decomposition_table.py DIR [DIR ...]   # each DIR holds one setting's column directories
+    python scripts/decomposition_table.py --metrics ppl_shakespeare,ppl_shakespeare-validation DIR ...
 
-Perplexities are test (WikiText-2) / validation; seconds are the column's own stage (the one-shot stage for
+Perplexities are test (WikiText-2) / validation by default, else the ``--metrics`` keys of results.json; seconds are the column's own stage (the one-shot stage for
 ``oneshot`` and ``admm``, stages 2-3 for the re-dense columns), without evaluation. Prints Markdown."""
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 ORDER = ["oneshot", "adjust_only", "admm", "sds_paper", "default"]
@@ -27,21 +28,26 @@ def cells(setting: Path) -> tuple[str, dict[str, tuple[dict, float]]]:
     return setting.name.replace("_", " ").replace("-", ":"), out
 
 
-def cell(row: dict, column: str) -> str:
-    if column not in row:
+def cell(row: dict, column: str, metrics: list[str]) -> str:
+    if column not in row or any(k not in row[column][0] for k in metrics):
         return ""
     m, seconds = row[column]
-    return f"{m['ppl_wikitext2']:.2f} / {m['ppl_validation']:.2f} ({seconds / 60:.1f} min)"
+    return " / ".join(f"{m[k]:.2f}" for k in metrics) + f" ({seconds / 60:.1f} min)"
 
 
-def main(dirs: list[str]) -> None:
-    rows = [cells(Path(d)) for d in dirs]
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+")
+    parser.add_argument("--metrics", default="ppl_wikitext2,ppl_validation", help="comma-separated results.json keys")
+    args = parser.parse_args(argv)
+    metrics = args.metrics.split(",")
+    rows = [cells(Path(d)) for d in args.dirs]
     present = [c for c in ORDER if any(c in row for _, row in rows)]
     print("| setting | " + " | ".join(TITLES[c] for c in present) + " |")
     print("| --- |" + " ---: |" * len(present))
     for name, row in rows:
-        print(f"| {name} | " + " | ".join(cell(row, c) for c in present) + " |")
+        print(f"| {name} | " + " | ".join(cell(row, c, metrics) for c in present) + " |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
