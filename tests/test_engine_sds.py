@@ -7,6 +7,7 @@ from sds_cli import data
 from sds_cli.engine.stats import collect, input_groups, relative_error
 from sds_cli.engine.stream import capture
 from sds_cli.engine.walk import mask_fingerprints, selected_linears
+from sds_cli.errors import ConfigError
 from sds_cli.eval.perplexity import perplexity, windows
 from sds_cli.models import decoder_layers, load_model
 from sds_cli.pruners.base import build_pruner
@@ -202,6 +203,28 @@ def test_early_exit_keeps_the_better_of_the_two():
     kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(iters=100, adjust_iters=100))
     assert info["kept"] == "sds" and info["error_final"] < info["error_oneshot"]
     assert info["error_final"] == pytest.approx(relative_error(w, kept, stats.gram), rel=1e-4)
+
+
+def test_admm_damp_pulls_the_adjust_toward_the_dense_weights():
+    """``redense.admm_damp`` adds damp * diag(G) to the adjust's gram and the matching pull to its target (the
+    gradient of L(W) + damp * sum_j G_jj ||W[:, j] - W_d[:, j]||^2); a larger damp ends nearer the dense weights
+    on the kept entries and no nearer W_d X on the calibration tokens."""
+    from sds_cli.stages.redense.solvers import Objective
+    from sds_cli.stages.redense.stage import toward_dense
+
+    w, stats = synthetic_layer()
+    obj = Objective(w, stats.gram, stats.gram, stats.gram)
+    assert toward_dense(obj, 0.0) is obj
+    damped, v, diag = toward_dense(obj, 0.5), torch.randn_like(w), stats.gram.diagonal()
+    assert torch.allclose(v @ damped.gram - damped.target, (v - w) @ stats.gram + 0.5 * (v - w) * diag, atol=1e-3)
+    pattern, pruner = Pattern.parse("2:4"), build_pruner("wanda")
+    w1, _ = pruner(w, stats, pattern)
+    runs = {d: sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(iters=0, admm_damp=d)) for d in (0.0, 1.0)}
+    pull = {d: ((kept - w) * (kept != 0) * diag.sqrt()).norm() for d, (kept, _) in runs.items()}
+    assert pull[1.0] < pull[0.0] and runs[1.0][1]["error_sds"] >= runs[0.0][1]["error_sds"]
+    assert RedenseConfig.preset(admm_damp=0.1).label.endswith("ADMM adjust (damp 0.1), sequential, early exit")
+    with pytest.raises(ConfigError, match="admm_damp"):
+        RedenseConfig.preset(admm_damp=-1.0)
 
 
 def test_sds_run_through_cli_records_both_stages(tmp_path):

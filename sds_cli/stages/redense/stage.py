@@ -30,7 +30,9 @@ import torch
 from sds_cli.engine.stats import Frozen, LayerStats, collect
 from sds_cli.engine.stream import Stream, sync
 from sds_cli.engine.walk import BlockStore, GroupStage, model_linears, selected_linears
+from sds_cli.errors import ConfigError
 from sds_cli.paths import Preset
+from sds_cli.pruners.admm import LayerObjective
 from sds_cli.pruners.base import Pruner
 from sds_cli.sparsity import Pattern, mask_from_scores
 from sds_cli.stages.redense.solvers import Descent, Objective, admm, minimize, refit
@@ -61,8 +63,14 @@ class RedenseConfig(Preset):
     adjust_iters: int
     admm_rho: float
     admm_growth: float
+    admm_damp: float
     early_exit: bool
     sequential: bool
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.admm_damp >= 0:
+            raise ConfigError(f"redense.admm_damp must be >= 0, got {self.admm_damp}")
 
     @property
     def label(self) -> str:
@@ -73,7 +81,8 @@ class RedenseConfig(Preset):
         redense = "no re-dense" if self.iters == 0 else "re-dense" + (" with L1/L2" if self.l1 or self.l2 else "")
         if self.inputs == "dense" or self.target == "dense_outputs":
             redense += f" ({self.inputs} inputs, {self.target.replace('_', ' ')})"
-        parts = [f"SDS: {redense}", ADJUST_LABEL[self.adjust]]
+        adjust = ADJUST_LABEL[self.adjust] + (f" (damp {self.admm_damp:g})" if self.adjust == "admm" and self.admm_damp else "")
+        parts = [f"SDS: {redense}", adjust]
         return " + ".join(parts) + "".join(f", {s}" for s, on in (("sequential", self.sequential),
                                                                    ("early exit", self.early_exit)) if on)
 
@@ -104,6 +113,16 @@ def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig)
     return Objective(dense, gram, cross, ref, cfg.l1, cfg.l2, eig=functools.partial(stats.eigh, which))
 
 
+def toward_dense(obj: Objective, damp: float) -> Objective | LayerObjective:
+    """The adjust's quadratic plus damp * sum_j G_jj ||W[:, j] - W_d[:, j]||^2: a ridge on the gram, relative to its
+    diagonal as SparseGPT's damping, that pulls the kept weights toward the dense ones rather than fitting the
+    calibration windows harder."""
+    if not damp:
+        return obj
+    diag = obj.gram.diagonal() * damp
+    return LayerObjective(obj.gram + torch.diag(diag), obj.target + obj.dense * diag)
+
+
 def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: Pruner, pattern: Pattern,
               cfg: RedenseConfig) -> tuple[torch.Tensor, dict]:
     """Steps 2 and 3 for one linear whose one-shot weights are ``w1``."""
@@ -116,7 +135,7 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
     if cfg.adjust == "refit":
         w3 = refit(adj, ~mask)
     elif cfg.adjust == "admm":
-        w3 = admm(adj, w3, pattern, cfg.adjust_iters, cfg.admm_rho, cfg.admm_growth)
+        w3 = admm(toward_dense(adj, cfg.admm_damp), w3, pattern, cfg.adjust_iters, cfg.admm_rho, cfg.admm_growth)
     elif cfg.adjust != "none":
         keep = ~mask
         project = (lambda w: w * keep) if cfg.adjust == "fixed" else (
