@@ -9,6 +9,11 @@ torch's allocations) is its own: Wanda at 50% through the engine (the one-shot s
 tiny search budgets, once per ``pruner.candidates`` mode. Printed as JSON: peak RSS, RSS once the model is
 built, the accelerator's peak allocation where there is one, the candidates' bytes (in memory or on disk),
 seconds in all and per block. Nothing here asserts a figure.
+
+    python scripts/bench_tyr_memory.py --stages local [--local-width 7168]
+
+measures the local pruner alone instead: the OBS levels of one down_proj-shaped layer ([hidden, width], the
+supernet's 9 levels at 50%, random correlated inputs), its peak RSS above the RSS with its inputs built.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def _stage(args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if args.stage == "local":
+        return _local(args)
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", vocab_size=args.vocab, num_hidden_layers=args.blocks, **SHAPE)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval().requires_grad_(False)
@@ -72,6 +79,27 @@ def _stage(args) -> dict:
     return out
 
 
+def _local(args) -> dict:
+    """The local pruner's working set on one down_proj: what sets the Týr stage's peak on an 8B shape."""
+    import torch
+
+    from sds_cli.stages.tyr.local import obs_levels
+
+    width, hidden = args.local_width, SHAPE["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.windows * args.seqlen, width, generator=g)
+    gram, weight = x.T @ x / len(x), torch.randn(hidden, width, generator=g).to(getattr(torch, args.dtype))
+    del x
+    spacing = round(0.125 * width)
+    removals = [width // 2 + k * spacing for k in range(-4, 5) if 0 <= width // 2 + k * spacing <= width]
+    built, start = _rss(), time.perf_counter()
+    obs_levels(weight, gram, 1, removals, rounds=16)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"stage": "local", "width": width, "levels": len(removals), "inputs_rss_gib": built / 2**30,
+            "peak_rss_gib": peak / 2**30, "peak_above_inputs_gib": (peak - built) / 2**30,
+            "float64_matrix_gib": width * width * 8 / 2**30, "seconds": time.perf_counter() - start}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=2, help="decoder blocks (default: %(default)s)")
@@ -82,6 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--workdir", default=None, help="where pruner.candidates=disk writes (default: a temp dir)")
     parser.add_argument("--stages", default="oneshot,tyr-host,tyr-disk", help="(default: %(default)s)")
+    parser.add_argument("--local-width", type=int, default=SHAPE["intermediate_size"],
+                        help="input width of the local stage's layer (default: %(default)s, Llama-3-8B's FFN)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # one stage, in this process
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -89,7 +119,7 @@ def main(argv=None) -> None:
         print(json.dumps(_stage(args)))
         return
     rows = []
-    forward = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("stages", "stage", "out") and v is not None]
+    forward = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("stages", "stage", "out") and v is not None]
     for stage in args.stages.split(","):
         proc = subprocess.run([sys.executable, __file__, *forward, "--stage", stage], capture_output=True, text=True,
                               check=True)
