@@ -1,10 +1,12 @@
-"""scripts/decompose.py: columns that share one one-shot model give what separate ``sds-run`` runs give."""
+"""scripts/decompose.py: columns that share one one-shot model give what separate ``sds-run`` runs give; and
+decomposition_table.py's combined validation rule."""
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from conftest import TINY
 
 import sds_cli
@@ -33,3 +35,25 @@ def test_a_later_column_is_its_own_run(tmp_path):
     assert columns["adjust_only"]["metrics"]["oneshot"] == alone.metrics["oneshot"]
     assert [r["error_redense"] for r in columns["adjust_only"]["layers"]["sds"]] != \
         [r["error_redense"] for r in alone.layers["sds"]]
+
+
+def test_the_combined_rule_is_the_geometric_mean_and_the_worst_ratio(tmp_path, capsys):
+    """``decomposition_table.py --combine``: per column, the geometric mean of the perplexity ratios to one-shot
+    over the validation texts and the worst of them, as percent changes; columns of other names are listed."""
+    spec = importlib.util.spec_from_file_location("table", SCRIPT.with_name("decomposition_table.py"))
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    oneshot = {"ppl_validation": 40.0, "ppl_shakespeare-validation": 80.0}
+    for column, sds in {"default": (20.0, 90.0), "damp": (30.0, 60.0)}.items():
+        metrics = {"oneshot": oneshot, "sds": dict(zip(oneshot, sds))}
+        (tmp_path / "sparsegpt_2-4" / column).mkdir(parents=True)
+        (tmp_path / "sparsegpt_2-4" / column / "results.json").write_text(
+            json.dumps({"metrics": metrics, "seconds": {"oneshot": 60.0, "sds": 90.0}}))
+    _, row = table.cells(tmp_path / "sparsegpt_2-4")
+    keys = list(oneshot)
+    assert table.combined(row, "default", keys) == pytest.approx(((0.5 * 1.125) ** 0.5 - 1, 0.125))
+    assert table.combined(row, "damp", keys) == pytest.approx((-0.25, -0.25))
+    table.main(["--combine", ",".join(keys), str(tmp_path / "sparsegpt_2-4")])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("| default `redense=sds` | `damp` |")
+    assert "| sparsegpt 2:4 | +0.0% (+0.0%) | -25.0% (+12.5%) | -25.0% (-25.0%) |" in out
