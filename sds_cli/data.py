@@ -105,9 +105,9 @@ SOURCES: dict[str, Source] = {
 HUB_SPLITS = {"wikitext2": {"train": "train", "test": "test"}, "wikitext2-valid": {"train": "validation"},
               "c4": {"train": "train", "test": "validation"}, "ptb": {"train": "train", "test": "validation"}}
 CHOICES = (*SOURCES, "embedded", "file")
-# eval datasets read from a split other than "test": a corpus's held-out half, to choose settings on text of another
-# domain than the calibration's without touching its test windows
-EVAL_SPLITS = {"shakespeare-validation": ("shakespeare", "validation")}
+# eval datasets read from a split other than "test": text held out from a corpus's test windows, to choose settings on
+# text of another domain than the calibration's (Tiny Shakespeare's first half; WikiText-2's validation text)
+EVAL_SPLITS = {"shakespeare-validation": ("shakespeare", "validation"), "wikitext2-validation": ("wikitext2-valid", "train")}
 EVAL_CHOICES = (*CHOICES, *EVAL_SPLITS, "validation")  # validation: the calibration text outside the calibration windows
 
 

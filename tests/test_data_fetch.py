@@ -95,6 +95,8 @@ def test_wikitext_is_the_original_file_format(root):
     assert raw.startswith(" \n = Robert Boulter = \n \n") and raw.count("\n") == len(RAW_TEST)
     assert data.load_texts("wikitext2", "test", str(root)) == RAW_TEST  # rows back exactly as the hub has them
     assert data.load_texts("wikitext2-valid", "train", str(root)) == [t.rstrip("\n") or " " for t in VALID]
+    assert data.eval_tokens(data.tiny_tokenizer(), "wikitext2-validation", str(root)).tolist() == \
+        data.tiny_tokenizer()("\n".join(t.rstrip("\n") or " " for t in VALID)).input_ids
     assert (root / "wikitext-2/test.txt").read_text().splitlines() == [t.rstrip("\n") or " " for t in TEST]
 
 

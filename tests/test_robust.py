@@ -161,13 +161,19 @@ def test_bench_applies_and_finds_two_four_patterns():
     assert not is_two_four(torch.ones(4, 8))
 
 
-def test_a_held_out_half_that_calibration_draws_from_is_refused(run_main, model_dirs):
-    """eval dataset shakespeare-validation is the half of Tiny Shakespeare that calib=shakespeare draws from."""
-    (model_dirs / "tinyshakespeare").mkdir()
+@pytest.mark.parametrize("calib, dataset", [("shakespeare", "shakespeare-validation"),
+                                             ("wikitext2-valid", "wikitext2-validation")])
+def test_held_out_text_that_calibration_draws_from_is_refused(run_main, model_dirs, calib, dataset):
+    """shakespeare-validation is the half of Tiny Shakespeare that calib=shakespeare draws from, and
+    wikitext2-validation the text of calib=wikitext2-valid: neither is validation text for them."""
+    (model_dirs / "tinyshakespeare").mkdir(exist_ok=True)
     (model_dirs / "tinyshakespeare" / "input.txt").write_text("First Citizen:\nSpeak, speak.\n" * 400)
+    if not (model_dirs / "wikitext-2" / "valid.txt").is_file():
+        (model_dirs / "wikitext-2").mkdir(exist_ok=True)
+        (model_dirs / "wikitext-2" / "valid.txt").write_text(" = Valkyria = \n Senjō no Valkyria .\n" * 400)
     quick = [a for a in TINY if not a.startswith(("calib=", "eval.datasets="))]
-    code, stderr, results = run_main("model=tiny-llama", *quick, "calib=shakespeare", f"data.root={model_dirs}",
-                                     "eval.datasets=[shakespeare-validation]")
+    code, stderr, results = run_main("model=tiny-llama", *quick, f"calib={calib}", f"data.root={model_dirs}",
+                                     f"eval.datasets=[{dataset}]")
     last = stderr.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in stderr and (results is None or results["status"] == "failed")
-    assert "is the half of the shakespeare text that calibration draws from; choose 'validation'" in last
+    assert f"eval dataset '{dataset}' is {calib} text that calibration draws from; choose 'validation'" in last

@@ -21,8 +21,8 @@ class Evaluator:
             if name not in data.EVAL_CHOICES:
                 raise ConfigError(f"unknown eval dataset '{name}'; choose one of: {', '.join(data.EVAL_CHOICES)}")
             if data.EVAL_SPLITS.get(name, ("",))[0] == cfg.calib.source:
-                raise ConfigError(f"eval dataset '{name}' is the half of the {cfg.calib.source} text that calibration "
-                                  "draws from; choose 'validation' (the calibration text outside its windows)")
+                raise ConfigError(f"eval dataset '{name}' is {cfg.calib.source} text that calibration draws from; "
+                                  "choose 'validation' (the calibration text outside its windows)")
         self.texts = {name: self.windows(cfg, lm.tokenizer, name) for name in self.cfg.datasets}
 
     def windows(self, cfg: DictConfig, tokenizer, name: str) -> torch.Tensor:
