@@ -84,14 +84,15 @@ def _local(args) -> dict:
     import torch
 
     from sds_cli.stages.tyr.local import obs_levels
+    from sds_cli.stages.tyr.search import level_offsets
 
     width, hidden = args.local_width, SHAPE["hidden_size"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.windows * args.seqlen, width, generator=g)
     gram, weight = x.T @ x / len(x), torch.randn(hidden, width, generator=g).to(getattr(torch, args.dtype))
     del x
-    spacing = round(0.125 * width)
-    removals = [width // 2 + k * spacing for k in range(-4, 5) if 0 <= width // 2 + k * spacing <= width]
+    center, spacing = width // 2, round(0.125 * width)
+    removals = [center + k * spacing for k in level_offsets(center, spacing, 9, width)]
     built, start = _rss(), time.perf_counter()
     obs_levels(weight, gram, 1, removals, rounds=16)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -28,7 +28,7 @@ def _prepare(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> tuple
     dead = torch.diagonal(h) == 0  # inputs never active: their columns carry nothing
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += percdamp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
+    torch.diagonal(h).add_(percdamp * torch.diagonal(h).mean())  # in place: an identity matrix would cost two more
     return w, h
 
 
@@ -59,14 +59,14 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     (so ``rounds`` plus up to one round per shallower level): finer rounds rescore after each downdate,
     coarser ones cost less."""
     w0, h = _prepare(weight, gram, percdamp)
-    g = w0 @ h
-    n = w0.shape[1] // size
+    g, n = w0 @ h, w0.shape[1] // size
+    del w0  # G carries all of W0 the rounds need
     factor = torch.linalg.cholesky(h)
     del h  # at most two [in, in] float64 matrices live at once: an 8B down_proj's is 1.6 GB
     hinv = torch.cholesky_inverse(factor)
     del factor
     u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
-    alive = torch.ones(n, dtype=torch.bool, device=w0.device)
+    alive = torch.ones(n, dtype=torch.bool, device=g.device)
     per_round = per_round or max(1, math.ceil(max(removals) / rounds))
     out, removed, order = {}, 0, []
     for target in sorted(set(removals)):

@@ -127,15 +127,21 @@ class Supernet:
         return self.candidates.get((i, kind), removed, device)
 
 
+def level_offsets(center: int, spacing: int, levels: int, count: int) -> list[int]:
+    """The offsets k of the ``levels`` levels around ``center`` (center + k * spacing structures removed) that
+    fit in [0, count]; the uniform distribution too gets them all, as its accumulation mixes every level."""
+    half = levels // 2
+    return [k for k in range(-half, half + 1) if 0 <= center + k * spacing <= count]
+
+
 def plan(cfg: TyrConfig, geo: Geometry, centers: dict[str, list[int]], iteration: int,
          root: Path | None = None) -> Supernet:
     """The levels of one iteration: ``cfg.levels`` around each center at this iteration's spacing, the
     candidates kept as ``cfg.candidates`` says (``disk``: files under ``root``)."""
     fraction = cfg.step / 2**iteration
     spacing = {"attention": max(1, round(fraction * geo.heads)), "ffn": max(cfg.min_channels, round(fraction * geo.channels))}
-    half = cfg.levels // 2  # the uniform distribution too: its accumulation mixes every level
-    offsets = {kind: [[k for k in range(-half, half + 1) if 0 <= c + k * spacing[kind] <= geo.count[kind]]
-                      for c in centers[kind]] for kind in KINDS}
+    offsets = {kind: [level_offsets(c, spacing[kind], cfg.levels, geo.count[kind]) for c in centers[kind]]
+               for kind in KINDS}
     return Supernet(centers, spacing, offsets, Candidates(cfg.candidates, root))
 
 
