@@ -31,11 +31,13 @@ from sds_cli.results.checkpoint import Checkpoint
 from sds_cli.results.record import Record
 from sds_cli.stages.redense.stage import snapshot
 
-# one-shot | one-shot + the default's ADMM adjust with no re-dense | ADMM pruning alone | the paper's SDS | the default
+# one-shot | + the ADMM adjust alone (no re-dense, no pull toward the dense weights) | ADMM pruning alone | the paper's
+# SDS | + re-dense | the default, + the adjust's pull toward the dense weights: each part of the default its own column
 COLUMNS = {
-    "adjust_only": ["redense=sds", "redense.iters=0"],
+    "adjust_only": ["redense=sds", "redense.iters=0", "redense.admm_damp=0"],
     "admm": ["pruner=admm", "redense=none"],
     "sds_paper": ["redense=sds_paper"],
+    "damp0": ["redense=sds", "redense.admm_damp=0"],
     "default": ["redense=sds"],
 }
 SHARED_STAGE1 = ("oneshot", "replay_check", "dense_eval", "oneshot_eval")

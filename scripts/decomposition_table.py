@@ -19,9 +19,10 @@ import json
 import math
 from pathlib import Path
 
-ORDER = ["oneshot", "adjust_only", "admm", "sds_paper", "default"]
-TITLES = {"oneshot": "one-shot", "adjust_only": "one-shot + ADMM adjust (`redense.iters=0`)",
-          "admm": "`pruner=admm` alone", "sds_paper": "`redense=sds_paper`", "default": "default `redense=sds`"}
+ORDER = ["oneshot", "adjust_only", "admm", "sds_paper", "damp0", "default"]
+TITLES = {"oneshot": "one-shot", "adjust_only": "one-shot + ADMM adjust (`redense.iters=0 redense.admm_damp=0`)",
+          "admm": "`pruner=admm` alone", "sds_paper": "`redense=sds_paper`", "damp0": "`redense.admm_damp=0`",
+          "default": "default `redense=sds` (`admm_damp` 0.1)"}
 
 
 def cells(setting: Path) -> tuple[str, dict[str, tuple[dict, float]]]:
@@ -33,7 +34,8 @@ def cells(setting: Path) -> tuple[str, dict[str, tuple[dict, float]]]:
         out[column.name] = (r["metrics"][stage], r["seconds"][stage])
         if stage == "sds" and len(r["metrics"]["oneshot"]) > len(out.get("oneshot", ({}, 0))[0]):
             out["oneshot"] = (r["metrics"]["oneshot"], r["seconds"]["oneshot"])  # the record scoring most texts
-    return setting.name.replace("_", " ").replace("-", ":"), out
+    words = [f"{float(w):.0%}" if w.replace(".", "", 1).isdigit() else w.replace("-", ":") for w in setting.name.split("_")]
+    return " ".join(words), out  # wanda_0.5_embedded: "wanda 50% embedded"
 
 
 def cell(row: dict, column: str, metrics: list[str]) -> str:

@@ -55,5 +55,5 @@ def test_the_combined_rule_is_the_geometric_mean_and_the_worst_ratio(tmp_path, c
     assert table.combined(row, "damp", keys) == pytest.approx((-0.25, -0.25))
     table.main(["--combine", ",".join(keys), str(tmp_path / "sparsegpt_2-4")])
     out = capsys.readouterr().out
-    assert out.splitlines()[0].endswith("| default `redense=sds` | `damp` |")
+    assert out.splitlines()[0].endswith("| default `redense=sds` (`admm_damp` 0.1) | `damp` |")
     assert "| sparsegpt 2:4 | +0.0% (+0.0%) | -25.0% (+12.5%) | -25.0% (-25.0%) |" in out

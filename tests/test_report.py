@@ -108,7 +108,7 @@ def test_published_sds_numbers_sit_beside_sds_paper_only(tmp_path):
     row = dict(zip(*[(t := report.build_table(report.load_runs([tmp_path]), "ppl_wikitext2", paper=True)).columns,
                      t.rows[0]]))
     assert row["paper one-shot"] == 60.43 and row["paper SDS"] is None
-    assert row["redense"] == "SDS: re-dense + ADMM adjust, sequential, early exit"
+    assert row["redense"] == "SDS: re-dense + ADMM adjust (damp 0.1), sequential, early exit"
 
 
 def test_speedup_columns_from_bench_files_beside_runs(tmp_path):
