@@ -83,6 +83,7 @@ def _local(args) -> dict:
     """The local pruner's working set on one down_proj: what sets the Týr stage's peak on an 8B shape."""
     import torch
 
+    from sds_cli.paths import preset
     from sds_cli.stages.tyr.local import obs_levels
     from sds_cli.stages.tyr.search import level_offsets
 
@@ -91,8 +92,9 @@ def _local(args) -> dict:
     x = torch.randn(args.windows * args.seqlen, width, generator=g)
     gram, weight = x.T @ x / len(x), torch.randn(hidden, width, generator=g).to(getattr(torch, args.dtype))
     del x
-    center, spacing = width // 2, round(0.125 * width)
-    removals = [center + k * spacing for k in level_offsets(center, spacing, 9, width)]
+    tyr = preset("pruner", "tyr")  # the first iteration's levels: pruner.levels around the centre, pruner.step apart
+    center, spacing = width // 2, round(tyr["step"] * width)
+    removals = [center + k * spacing for k in level_offsets(center, spacing, tyr["levels"], width)]
     built, start = _rss(), time.perf_counter()
     obs_levels(weight, gram, 1, removals, rounds=16)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

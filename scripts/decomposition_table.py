@@ -19,10 +19,12 @@ import json
 import math
 from pathlib import Path
 
+from sds_cli.paths import preset
+
 ORDER = ["oneshot", "adjust_only", "admm", "sds_paper", "damp0", "default"]
 TITLES = {"oneshot": "one-shot", "adjust_only": "one-shot + ADMM adjust (`redense.iters=0 redense.admm_damp=0`)",
           "admm": "`pruner=admm` alone", "sds_paper": "`redense=sds_paper`", "damp0": "`redense.admm_damp=0`",
-          "default": "default `redense=sds` (`admm_damp` 0.1)"}
+          "default": f"default `redense=sds` (`admm_damp` {preset('redense', 'sds')['admm_damp']:g})"}
 
 
 def cells(setting: Path) -> tuple[str, dict[str, tuple[dict, float]]]:
