@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="one sub-directory per column")
     parser.add_argument("--column", action="append", default=[], metavar="'NAME=OVERRIDE [OVERRIDE ...]'",
-                        help="columns instead of the default four (adjust_only, admm, sds_paper, default)")
+                        help=f"columns instead of the standard ones ({', '.join(COLUMNS)})")
     parser.add_argument("overrides", nargs="*", help="the setting, as sds-run's overrides")
     args = parser.parse_args(argv)
     columns = dict(c.split("=", 1) for c in args.column)
