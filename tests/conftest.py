@@ -33,6 +33,13 @@ def run_cli(tmp_path, *overrides, check=True, code="from sds_cli.cli import main
     return proc, json.loads(results.read_text()) if results.exists() else None
 
 
+@pytest.fixture(autouse=True)
+def _no_data_root_from_the_caller(monkeypatch):
+    """Tests name their data root where they read data: one exported by the caller (``SDS_DATA_ROOT``) would turn a
+    test of a missing dataset into a test of the shared one."""
+    monkeypatch.delenv("SDS_DATA_ROOT", raising=False)
+
+
 @pytest.fixture
 def run_main(tmp_path, capsys):
     """`sds-run` inside the test process, without an interpreter start-up per case (for the many short
