@@ -74,7 +74,8 @@ def run_shared(base: list[str], columns: dict[str, list[str]], out: Path) -> Non
     first = Record(out / names[0] / "results.json", resolved(cfg))
     run = prepare(cfg, first, "sds")
     run.checkpoint = Checkpoint(None, {})
-    dense_baseline(cfg, first, run.evaluate)
+    if cfg.eval.dense:  # as sds-run
+        dense_baseline(cfg, first, run.evaluate)
     replay_guard(run)
     oneshot_stage(run)
     oneshot = snapshot(run.lm.model, cfg.targets)
