@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sds_cli.errors import ConfigError
 from sds_cli.stages.tyr import search
-from sds_cli.stages.tyr.local import _score, obs_levels, wanda_levels
+from sds_cli.stages.tyr.local import _invert_in_place, _refit, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, mix, paper_budget, params_budget, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
@@ -52,6 +52,21 @@ def test_obs_levels_compensate_and_refit_exactly(size):
         gradient = ((levels[r] - w).double() @ h.double())[:, kept]
         assert gradient.abs().max() < 1e-4  # the least-squares optimum on the kept columns
     assert sorted(order.tolist()) == list(range(w.shape[1] // size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_inverse_and_the_refit_need_no_second_square_matrix(dtype):
+    """The inverse overwrites the gram in place and the refit goes a block of columns at a time, with the
+    values of the factor-then-invert and whole-product forms."""
+    w, h = problem(inp=70)
+    h = h.to(dtype)
+    want = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    buffer = h.clone()
+    hinv = _invert_in_place(buffer)
+    assert hinv.data_ptr() == buffer.data_ptr() and torch.allclose(hinv, want, rtol=1e-4, atol=1e-6)
+    g = w.to(dtype) @ h
+    refit = _refit(g, hinv, torch.float32, chunk=16)  # 70 columns: four full blocks and a short one
+    assert refit.dtype == torch.float32 and torch.allclose(refit, g.float() @ hinv.float(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [1, 3])

@@ -32,6 +32,23 @@ def _prepare(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> tuple
     return w, h
 
 
+def _invert_in_place(h: torch.Tensor) -> torch.Tensor:
+    """H^-1 of a symmetric positive definite ``h``, in its own storage. LAPACK works on column-major matrices,
+    so the factor and the inverse are written through the transposed view (the same matrix, H being
+    symmetric); a row-major output would cost a second [in, in] buffer."""
+    ht = h.mT
+    torch.linalg.cholesky(ht, out=ht)
+    torch.cholesky_inverse(ht, out=ht)
+    return h
+
+
+def _refit(g: torch.Tensor, hinv: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
+    """The least-squares refit of the kept columns, G H_alive^-1, in float32 a block of columns at a time:
+    a float32 copy of the whole inverse would be another [in, in] matrix at the stage's peak."""
+    gf = g.float()
+    return torch.cat([(gf @ hinv[:, j:j + chunk].float()).to(dtype) for j in range(0, hinv.shape[1], chunk)], 1)
+
+
 def _columns(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
 
@@ -61,10 +78,7 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     w0, h = _prepare(weight, gram, percdamp)
     g, n = w0 @ h, w0.shape[1] // size
     del w0  # G carries all of W0 the rounds need
-    factor = torch.linalg.cholesky(h)
-    del h  # at most two [in, in] float64 matrices live at once: an 8B down_proj's is 1.6 GB
-    hinv = torch.cholesky_inverse(factor)
-    del factor
+    hinv = _invert_in_place(h)  # one [in, in] float64 matrix at a time: an 8B down_proj's is 1.6 GB
     u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
     alive = torch.ones(n, dtype=torch.bool, device=g.device)
     per_round = per_round or max(1, math.ceil(max(removals) / rounds))
@@ -80,7 +94,7 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
             hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
             alive[pick], removed = False, removed + len(pick)
             order.append(pick)
-        out[target] = (g.float() @ hinv.float()).to(weight.dtype)  # the least-squares refit of the kept columns
+        out[target] = _refit(g, hinv, weight.dtype)
     return out, torch.cat([*order, alive.nonzero().flatten()])
 
 
