@@ -47,12 +47,15 @@ class Run:
 
     @property
     def pruner(self) -> str:
-        """The pruner; for Týr with its variant: distribution, local pruner, error accumulation."""
+        """The pruner; for Týr with its variant: distribution, local pruner (with the first-order term where on),
+        error accumulation, and the budget where it is the paper's."""
         name = str(self.cfg("pruner", "name"))
         if name != "tyr":
             return name
         kind = "searched" if self.cfg("pruner", "search") else "uniform"
-        return f"tyr {kind} {self.cfg('pruner', 'local')} {self.cfg('pruner', 'accumulation')}"
+        local = f"{self.cfg('pruner', 'local')}{'+first-order' if self.cfg('pruner', 'first_order', default=False) is True else ''}"
+        budget = " paper-budget" if self.cfg("pruner", "budget") == "paper" else ""
+        return f"tyr {kind} {local} {self.cfg('pruner', 'accumulation')}{budget}"
 
     redense = property(lambda self: str(self.cfg("redense", "name")))
     # what the SDS stage ran, in words (results.json: redense_label), else the preset's name

@@ -101,6 +101,19 @@ def test_paper_columns_and_sorting(tmp_path):
     assert first["redense"] == "SDS (paper)"
 
 
+def test_tyr_rows_name_their_variant(tmp_path):
+    """Týr runs that differ in the first-order term or the budget get rows of their own names."""
+    for name, extra in {"plain": {}, "fo": {"first_order": True}, "paper": {"first_order": True, "budget": "paper"}}.items():
+        fake_run(tmp_path / name, pruner="tyr", sparsity=0.5)
+        record = json.loads((tmp_path / name / "results.json").read_text())
+        record["config"]["pruner"] |= {"search": True, "local": "obs", "accumulation": "expectation", "budget": "params"}
+        record["config"]["pruner"] |= extra
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    names = sorted(run.pruner for run in report.load_runs([tmp_path]))
+    assert names == ["tyr searched obs expectation", "tyr searched obs+first-order expectation",
+                     "tyr searched obs+first-order expectation paper-budget"]
+
+
 def test_published_sds_numbers_sit_beside_sds_paper_only(tmp_path):
     """The default (SDS with ADMM adjust) is not the paper's method: no published SDS number beside it, and its
     row says what ran."""
