@@ -53,7 +53,9 @@ class Run:
         if name != "tyr":
             return name
         kind = "searched" if self.cfg("pruner", "search") else "uniform"
-        local = f"{self.cfg('pruner', 'local')}{'+first-order' if self.cfg('pruner', 'first_order', default=False) is True else ''}"
+        local = str(self.cfg("pruner", "local"))
+        if self.cfg("pruner", "first_order", default=False) is True:
+            local += "+first-order"
         budget = " paper-budget" if self.cfg("pruner", "budget") == "paper" else ""
         return f"tyr {kind} {local} {self.cfg('pruner', 'accumulation')}{budget}"
 

@@ -73,8 +73,9 @@ def test_sweep_report_matches_golden(sweep, capsys):
 
 
 def fake_run(path: Path, model="opt-125m", pruner="sparsegpt", sparsity="2:4", ppl=(27.8, 61.0, 50.0),
-             redense="sds_paper"):
-    cfg = {"model": {"name": model}, "pruner": {"name": pruner}, "redense": {"name": redense}, "sparsity": sparsity,
+             redense="sds_paper", **knobs):
+    """A results.json of one run; ``knobs`` go into its pruner config."""
+    cfg = {"model": {"name": model}, "pruner": {"name": pruner, **knobs}, "redense": {"name": redense}, "sparsity": sparsity,
            "calib": {"source": "c4"}, "eval": {"seqlen": 2048}}
     metrics = {stage: {"ppl_wikitext2": v, "mean_acc": 0.5} for stage, v in zip(("dense", "oneshot", "sds"), ppl)}
     path.mkdir(parents=True)
@@ -104,11 +105,8 @@ def test_paper_columns_and_sorting(tmp_path):
 def test_tyr_rows_name_their_variant(tmp_path):
     """Týr runs that differ in the first-order term or the budget get rows of their own names."""
     for name, extra in {"plain": {}, "fo": {"first_order": True}, "paper": {"first_order": True, "budget": "paper"}}.items():
-        fake_run(tmp_path / name, pruner="tyr", sparsity=0.5)
-        record = json.loads((tmp_path / name / "results.json").read_text())
-        record["config"]["pruner"] |= {"search": True, "local": "obs", "accumulation": "expectation", "budget": "params"}
-        record["config"]["pruner"] |= extra
-        (tmp_path / name / "results.json").write_text(json.dumps(record))
+        knobs = {"search": True, "local": "obs", "accumulation": "expectation", "budget": "params"} | extra
+        fake_run(tmp_path / name, pruner="tyr", sparsity=0.5, **knobs)
     names = sorted(run.pruner for run in report.load_runs([tmp_path]))
     assert names == ["tyr searched obs expectation", "tyr searched obs+first-order expectation",
                      "tyr searched obs+first-order expectation paper-budget"]
