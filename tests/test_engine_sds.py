@@ -63,6 +63,25 @@ def test_statistics_batching_does_not_change_the_gram():
     torch.testing.assert_close(grams[0], grams[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_held_out_batches_are_kept_out_of_the_statistics(shared):
+    """With ``held_out`` the last batches give ``LayerStats.held`` and the rest the statistics a fit sees: each
+    equals the statistics of its own windows alone."""
+    lm, _ = tiny()
+    calib = data.calibration_windows(lm.tokenizer, "embedded", 4, 64, 0, None)
+    block, names = decoder_layers(lm.model)[0], ["mlp.gate_proj", "mlp.up_proj"]
+
+    def stats(windows, held_out=0):
+        return collect(block, capture(lm.model, windows, 1, "cpu", False), names, shared=shared, held_out=held_out)
+    split, fit, held = stats(calib, held_out=1), stats(calib[:3]), stats(calib[3:])
+    for n in names:
+        assert split[n].tokens == 3 * 64 and split[n].held.tokens == 64 and fit[n].held is None
+        torch.testing.assert_close(split[n].gram, fit[n].gram, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(split[n].held.gram, held[n].gram, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="held-out calibration batches leave none to fit on: there are 4"):
+        stats(calib, held_out=4)
+
+
 @pytest.mark.parametrize("family, groups", [
     ("tiny-llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
@@ -110,6 +129,18 @@ def test_sds_lowers_layer_errors_and_keeps_the_pattern(sparsity, sequential):
     for block in decoder_layers(lm.model):
         for linear in selected_linears(block, ".*").values():
             assert_exact(linear.weight, pattern)
+
+
+def test_sds_model_judges_its_early_exit_on_held_out_batches():
+    lm, stream = tiny()
+    pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
+    dense = snapshot(lm.model, ".*")
+    prune_model(lm.model, stream, pruner, pattern, ".*")
+    records = sds_model(lm.model, stream, dense, pruner, pattern, ".*", RedenseConfig.preset(held_out=1))
+    assert len(records) == 14 and all(r["held_oneshot"] is not None for r in records)
+    assert all((r["kept"] == "sds") == (r["held_sds"] < r["held_oneshot"]) for r in records)
+    with pytest.raises(ConfigError, match="there are 2; choose 0 to 1"):
+        sds_model(lm.model, stream, dense, pruner, pattern, ".*", RedenseConfig.preset(held_out=2))
 
 
 def test_sequential_sds_feeds_each_group_the_weights_before_it():
@@ -203,6 +234,25 @@ def test_early_exit_keeps_the_better_of_the_two():
     kept, info = sds_layer(w1, w, stats, pruner, pattern, RedenseConfig.preset(iters=100, adjust_iters=100))
     assert info["kept"] == "sds" and info["error_final"] < info["error_oneshot"]
     assert info["error_final"] == pytest.approx(relative_error(w, kept, stats.gram), rel=1e-4)
+
+
+def test_early_exit_on_held_out_batches_judges_by_their_error():
+    """With held-out statistics the early exit compares the one-shot and SDS errors on them, not on the fitted
+    tokens: an adjust that fits its own tokens better can still be refused."""
+    w, stats = synthetic_layer()
+    pattern, pruner = Pattern.parse("2:4"), build_pruner("sparsegpt")
+    w1, _ = pruner(w, stats, pattern)
+    cfg = RedenseConfig.preset(held_out=1)
+    for seed, kept in ((0, "sds"), (1, "oneshot")):
+        _, other = synthetic_layer(seed)  # seed 0: the fitted tokens themselves; 1: tokens of another distribution
+        stats.held = other
+        final, info = sds_layer(w1, w, stats, pruner, pattern, cfg)
+        assert info["error_sds"] < info["error_oneshot"] and info["kept"] == kept
+        assert (info["held_sds"] < info["held_oneshot"]) == (kept == "sds")
+        assert torch.equal(final, w1) == (kept == "oneshot")
+    assert cfg.label.endswith("sequential, early exit on 1 held-out batches")
+    with pytest.raises(ConfigError, match="redense.held_out=2: the held-out batches judge the early exit"):
+        RedenseConfig.preset(held_out=2, early_exit=False)
 
 
 def test_admm_damp_pulls_the_adjust_toward_the_dense_weights():

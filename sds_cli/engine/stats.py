@@ -25,6 +25,7 @@ class LayerStats:
     tokens: int
     cross: torch.Tensor | None = None
     ref_gram: torch.Tensor | None = None
+    held: LayerStats | None = None  # the same statistics over held-out batches the fit does not see
     _eigh: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -41,24 +42,29 @@ class LayerStats:
 
 @torch.no_grad()
 def collect(block: nn.Module, stream: Stream, names: list[str],
-            reference: tuple[nn.Module, Stream] | None = None, shared: bool = False) -> dict[str, LayerStats]:
+            reference: tuple[nn.Module, Stream] | None = None, shared: bool = False,
+            held_out: int = 0) -> dict[str, LayerStats]:
     """Per-linear input statistics over the stream: the mean of x x^T; with a ``reference`` (the dense
     block and its own stream) also the cross term x_ref x^T and the reference's own x_ref x_ref^T.
     Linears fed the same tensor (q/k/v, gate/up) share one computation and one ``LayerStats``. The
     block's forward stops once every named input is seen (attention inputs alone skip the MLP); where
     the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
-    first, so that q and k (or gate) are not computed only to reach v's (or up's) input."""
+    first, so that q and k (or gate) are not computed only to reach v's (or up's) input. The last ``held_out``
+    batches go into ``LayerStats.held`` instead of the main statistics: windows a fit never sees, to judge it on."""
+    if not 0 <= held_out < len(stream.hidden):
+        raise ConfigError(f"{held_out} held-out calibration batches leave none to fit on: there are "
+                          f"{len(stream.hidden)}; choose 0 to {len(stream.hidden) - 1}")
     if shared and names[0] not in routed_names(block, names):
-        return dict.fromkeys(names, collect(block, stream, names[:1], reference)[names[0]])
+        return dict.fromkeys(names, collect(block, stream, names[:1], reference, held_out=held_out)[names[0]])
     if reference and (routed := list(routed_names(block, names))):
         raise ConfigError(f"{routed[0]}: statistics against the dense model's inputs pair each token's dense and "
                           "pruned inputs, which a fused expert lacks (the two routers pick different tokens); use "
                           "redense.inputs=sparse redense.target=dense_weights, or leave the experts out with targets=")
     owner: dict[str, str] = {}  # linear -> the first linear fed the same input
-    sums: dict[str, dict[str, torch.Tensor]] = {}
-    tokens: dict[str, int] = {}
+    sums: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}  # (linear, held out) -> sums over tokens
+    tokens: dict[tuple[str, bool], int] = {}
     ref_batches = reference[1].batches() if reference else None
-    for h, kw in stream.batches():
+    for b, (h, kw) in enumerate(stream.batches()):
         xr = block_inputs(reference[0], names, *next(ref_batches)) if reference else {}
         xs = block_inputs(block, names, h, kw)
         if not owner:
@@ -70,14 +76,19 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
             if reference:
                 r = xr[n].reshape(-1, xr[n].shape[-1]).float()
                 terms |= {"cross": r.T @ x, "ref_gram": r.T @ r}
-            sums[n] = {k: sums[n][k] + v for k, v in terms.items()} if n in sums else terms
-            tokens[n] = tokens.get(n, 0) + len(x)
-    for n, s in sums.items():
+            key = (n, b >= len(stream.hidden) - held_out)
+            sums[key] = {k: sums[key][k] + v for k, v in terms.items()} if key in sums else terms
+            tokens[key] = tokens.get(key, 0) + len(x)
+    for (n, _), s in sums.items():
         if not torch.isfinite(s["gram"]).all():
             raise FloatingPointError(f"the calibration activations entering {n} contain NaN or Inf "
                                      "(overflow in a half-precision dtype? try dtype=float32)")
-    stats = {n: LayerStats(tokens=tokens[n], **{k: v / max(tokens[n], 1) for k, v in s.items()}) for n, s in sums.items()}
-    return {n: stats[owner[n]] for n in names}
+
+    def stats(n: str, held: bool) -> LayerStats:
+        s, t = sums.get((n, held), {}), tokens.get((n, held), 0)
+        return LayerStats(tokens=t, **{k: v / max(t, 1) for k, v in s.items()},
+                          held=stats(n, True) if held_out and not held else None)
+    return {n: stats(owner[n], False) for n in names}
 
 
 @torch.no_grad()

@@ -65,12 +65,16 @@ class RedenseConfig(Preset):
     admm_growth: float
     admm_damp: float
     early_exit: bool
+    held_out: int
     sequential: bool
 
     def __post_init__(self):
         super().__post_init__()
         if not self.admm_damp >= 0:
             raise ConfigError(f"redense.admm_damp must be >= 0, got {self.admm_damp}")
+        if self.held_out < 0 or (self.held_out and not self.early_exit):
+            raise ConfigError(f"redense.held_out={self.held_out}: the held-out batches judge the early exit; "
+                              "choose 0, or a positive count with redense.early_exit=true")
 
     @property
     def label(self) -> str:
@@ -83,8 +87,9 @@ class RedenseConfig(Preset):
             redense += f" ({self.inputs} inputs, {self.target.replace('_', ' ')})"
         adjust = ADJUST_LABEL[self.adjust] + (f" (damp {self.admm_damp:g})" if self.adjust == "admm" and self.admm_damp else "")
         parts = [f"SDS: {redense}", adjust]
+        judged = f"early exit on {self.held_out} held-out batches" if self.held_out else "early exit"
         return " + ".join(parts) + "".join(f", {s}" for s, on in (("sequential", self.sequential),
-                                                                   ("early exit", self.early_exit)) if on)
+                                                                   (judged, self.early_exit)) if on)
 
     @property
     def descent(self) -> Descent:
@@ -104,6 +109,8 @@ class SDSRecord:
     error_final: float
     kept: str
     seconds: float
+    held_oneshot: float | None = None  # errors on the held-out batches (redense.held_out), which the early exit judges
+    held_sds: float | None = None
 
 
 def _layer_objective(stats: LayerStats, dense: torch.Tensor, cfg: RedenseConfig) -> Objective:
@@ -143,7 +150,11 @@ def sds_layer(w1: torch.Tensor, dense: torch.Tensor, stats: LayerStats, pruner: 
         w3 = minimize(adj, w3, Descent(cfg.optimizer, cfg.lr, "iterate"), cfg.adjust_iters, project)
     errors = {"error_oneshot": obj.error(w1), "error_redense": obj.error(w2), "error_reprune": reprune_error,
               "error_sds": obj.error(w3)}
-    kept = "oneshot" if cfg.early_exit and not errors["error_sds"] < errors["error_oneshot"] else "sds"  # NaN too
+    if stats.held is not None:
+        judge = _layer_objective(stats.held, dense, cfg)
+        errors |= {"held_oneshot": judge.error(w1), "held_sds": judge.error(w3)}
+    before, after = ("error_oneshot", "error_sds") if stats.held is None else ("held_oneshot", "held_sds")
+    kept = "oneshot" if cfg.early_exit and not errors[after] < errors[before] else "sds"  # NaN too
     final = w1 if kept == "oneshot" else w3
     return final, errors | {"error_final": errors[f"error_{kept}"], "kept": kept,
                             "sparsity": (final == 0).float().mean().item()}
@@ -172,7 +183,7 @@ class SDSStage(GroupStage):
         return records
 
     def statistics(self, block, stream, names):
-        return collect(block, stream, names, reference=self.paired, shared=self.sequential)
+        return collect(block, stream, names, reference=self.paired, shared=self.sequential, held_out=self.cfg.held_out)
 
     def layer(self, i: int, name: str, linear, stats: LayerStats) -> SDSRecord:
         start = time.perf_counter()
