@@ -51,7 +51,7 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
     first, so that q and k (or gate) are not computed only to reach v's (or up's) input. The last ``held_out``
     batches go into ``LayerStats.held`` instead of the main statistics: windows a fit never sees, to judge it on."""
-    if not 0 <= held_out < len(stream.hidden):
+    if held_out and not 0 < held_out < len(stream.hidden):
         raise ConfigError(f"{held_out} held-out calibration batches leave none to fit on: there are "
                           f"{len(stream.hidden)}; choose 0 to {len(stream.hidden) - 1}")
     if shared and names[0] not in routed_names(block, names):
