@@ -13,6 +13,7 @@ from sds_cli import data
 from sds_cli.console import bar, console, layer_table, summary
 from sds_cli.engine.coverage import check_coverage, coverage
 from sds_cli.engine.replay import check_replay
+from sds_cli.engine.stats import check_held_out
 from sds_cli.engine.stream import Stream, capture
 from sds_cli.engine.walk import mask_fingerprints, model_linears
 from sds_cli.errors import ConfigError
@@ -36,7 +37,7 @@ STRUCTURED_CONFIGS = {"tyr": TyrConfig, "flap": FlapConfig}  # each structured p
 # (measured 0 for every tested family in fp32); a wrong mask or rotary embedding gives 1e-2 to 1.
 REPLAY_TOLERANCE = {DTYPES["float32"]: 1e-4, DTYPES["bfloat16"]: 2e-2, DTYPES["float16"]: 5e-3}
 INTEGERS = ("seed", "calib.nsamples", "calib.seqlen", "eval.seqlen", "eval.batch_size", "engine.batch_size",
-            "redense.iters", "redense.adjust_iters")
+            "redense.iters", "redense.adjust_iters", "redense.held_out")
 
 
 def resolve_device(name: str) -> str:
@@ -163,7 +164,9 @@ def prepare(cfg: DictConfig, record: Record, name: str) -> Run:
     if structured(name):
         check_structured(cfg, pattern)
     else:  # a bad pruner or redense knob stops the run before the model loads
-        unstructured(cfg)
+        _, redense = unstructured(cfg)
+        if redense:
+            check_held_out(redense.held_out, -(-cfg.calib.nsamples // cfg.engine.batch_size))
     checkpoint, resumed = Checkpoint.resume(record.path.parent, record.config, cfg.resume)
     if resumed:
         record.extra["resumed_from"] = str(resumed)

@@ -116,6 +116,8 @@ def model_dirs(tmp_path_factory):
     (["model=tiny-llama", "eval.datasets=[file]", "eval.path={root}/empty.txt"], "fewer than one seqlen=64 window"),
     (["model=tiny-llama", "sparsity=3:7"], "input width 64, not divisible by M=7"),
     (["model=tiny-llama", "redense.optimizer=sgd"], "choose one of: gd, fista, adam"),
+    (["model=tiny-llama", "redense.held_out=9"], "9 held-out calibration batches leave none to fit on"),
+    (["model=tiny-llama", "redense.held_out=1", "redense.early_exit=false"], "the held-out batches judge the early exit"),
 ])
 def test_hardened_inputs_fail_in_one_line_without_success_record(run_main, model_dirs, args, message):
     code, stderr, results = run_main(*TINY, *(a.format(root=model_dirs) for a in args))

@@ -40,6 +40,12 @@ class LayerStats:
         return self._eigh[which]
 
 
+def check_held_out(held_out: int, batches: int) -> None:
+    if held_out and not 0 < held_out < batches:
+        raise ConfigError(f"{held_out} held-out calibration batches leave none to fit on: there are {batches}; "
+                          f"choose 0 to {batches - 1}")
+
+
 @torch.no_grad()
 def collect(block: nn.Module, stream: Stream, names: list[str],
             reference: tuple[nn.Module, Stream] | None = None, shared: bool = False,
@@ -51,9 +57,7 @@ def collect(block: nn.Module, stream: Stream, names: list[str],
     the caller knows that all ``names`` share one input (``shared``, a group of ``input_groups``), at the
     first, so that q and k (or gate) are not computed only to reach v's (or up's) input. The last ``held_out``
     batches go into ``LayerStats.held`` instead of the main statistics: windows a fit never sees, to judge it on."""
-    if held_out and not 0 < held_out < len(stream.hidden):
-        raise ConfigError(f"{held_out} held-out calibration batches leave none to fit on: there are "
-                          f"{len(stream.hidden)}; choose 0 to {len(stream.hidden) - 1}")
+    check_held_out(held_out, len(stream.hidden))
     if shared and names[0] not in routed_names(block, names):
         return dict.fromkeys(names, collect(block, stream, names[:1], reference, held_out=held_out)[names[0]])
     if reference and (routed := list(routed_names(block, names))):
