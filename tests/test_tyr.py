@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sds_cli.errors import ConfigError
 from sds_cli.stages.tyr import search
-from sds_cli.stages.tyr.local import _invert_in_place, _refit, _score, obs_levels, wanda_levels
+from sds_cli.stages.tyr.local import _invert_in_place, _score, obs_levels, wanda_levels
 from sds_cli.stages.tyr.search import KINDS, TyrConfig, _mutate, mix, paper_budget, params_budget, plan, uniform
 from sds_cli.stages.tyr.structure import Kept, geometry, load_pruned, shrink
 
@@ -55,18 +55,28 @@ def test_obs_levels_compensate_and_refit_exactly(size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_inverse_and_the_refit_need_no_second_square_matrix(dtype):
-    """The inverse overwrites the gram in place and the refit goes a block of columns at a time, with the
-    values of the factor-then-invert and whole-product forms."""
-    w, h = problem(inp=70)
+def test_the_inverse_needs_no_second_square_matrix(dtype):
+    """The inverse overwrites the gram in place, with the values of the factor-then-invert form."""
+    _, h = problem(inp=70)
     h = h.to(dtype)
     want = torch.cholesky_inverse(torch.linalg.cholesky(h))
     buffer = h.clone()
     hinv = _invert_in_place(buffer)
     assert hinv.data_ptr() == buffer.data_ptr() and torch.allclose(hinv, want, rtol=1e-4, atol=1e-6)
-    g = w.to(dtype) @ h
-    refit = _refit(g, hinv, torch.float32, chunk=16)  # 70 columns: four full blocks and a short one
-    assert refit.dtype == torch.float32 and torch.allclose(refit, g.float() @ hinv.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_each_level_is_the_float64_refit_of_its_kept_columns():
+    """The OBS updates keep U equal to G_K H_KK^-1 (damped H), so a level is U itself: it matches that refit
+    computed from scratch in float64 on the level's kept columns, without a product over the whole inverse."""
+    w, h = problem(out=16, inp=40)
+    levels, order = obs_levels(w, h, 1, [10, 25], rounds=5, percdamp=0.01)
+    hd = h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(40, dtype=torch.float64)
+    for r in (10, 25):
+        kept = order[r:].sort().values
+        want = torch.zeros(16, 40, dtype=torch.float64)
+        want[:, kept] = (w.double() @ hd[:, kept]) @ torch.linalg.inv(hd[kept][:, kept])
+        torch.testing.assert_close(levels[r], want.float(), rtol=0, atol=2.5e-7)  # float32 rounding of float64
+        assert (levels[r][:, order[:r]] == 0).all()
 
 
 @pytest.mark.parametrize("size", [1, 3])
@@ -83,7 +93,7 @@ def test_first_order_adds_current_weights_times_dense_correlations(size):
     hinv[keep[:, None] & keep] = torch.linalg.inv(h[keep][:, keep]).flatten()  # H_alive^-1, zero elsewhere
     u = g @ hinv  # the compensated optimum on the alive columns
     assert not torch.allclose(u, w0)
-    second, both = _score(u, hinv, g, alive, size, False), _score(u, hinv, g, alive, size, True)
+    second, both = _score(u, hinv, None, alive, size), _score(u, hinv, g, alive, size)
     for s in alive.nonzero().flatten().tolist():
         cols = slice(s * size, (s + 1) * size)
         obs = 0.5 * torch.trace(u[:, cols] @ torch.linalg.inv(hinv[cols, cols]) @ u[:, cols].T)

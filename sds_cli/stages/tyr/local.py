@@ -11,7 +11,7 @@ quadratic vanishes on the alive columns at U, so that term is not the quadratic'
 it is U_S's inner product with the dense output's correlations, and it keeps groups that carry much of
 the dense output. The lowest groups go, and H_alive^-1 (a Schur complement) and U (the OBS update) are
 downdated. The removal order is one path, so every level of the supernet is a prefix of it; each level
-ends with the least-squares refit of its kept columns, G_K H_KK^-1, read off the downdated inverse.
+is U where its last round leaves it, the least-squares refit of its kept columns, G_K H_KK^-1.
 A Wanda-style score without compensation is the simple structured baseline."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ Levels = Callable[..., tuple[dict[int, torch.Tensor], torch.Tensor]]
 
 
 def _prepare(weight: torch.Tensor, gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    w, h = weight.double(), gram.to(torch.float64, copy=True)
+    w, h = weight.to(torch.float64, copy=True), gram.to(torch.float64, copy=True)
     dead = torch.diagonal(h) == 0  # inputs never active: their columns carry nothing
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -42,26 +42,20 @@ def _invert_in_place(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _refit(g: torch.Tensor, hinv: torch.Tensor, dtype: torch.dtype, chunk: int = 1024) -> torch.Tensor:
-    """The least-squares refit of the kept columns, G H_alive^-1, in float32 a block of columns at a time:
-    a float32 copy of the whole inverse would be another [in, in] matrix at the stage's peak."""
-    gf = g.float()
-    return torch.cat([(gf @ hinv[:, j:j + chunk].float()).to(dtype) for j in range(0, hinv.shape[1], chunk)], 1)
-
-
 def _columns(groups: torch.Tensor, size: int) -> torch.Tensor:
     return (groups[:, None] * size + torch.arange(size, device=groups.device)).flatten()
 
 
-def _score(u: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor, alive: torch.Tensor, size: int,
-           first_order: bool) -> torch.Tensor:
-    """Each group's removal cost (the module's docstring); inf for groups already removed."""
+def _score(u: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor | None, alive: torch.Tensor, size: int) -> torch.Tensor:
+    """Each group's removal cost (the module's docstring), with the first-order term where ``g`` = W0 H is given;
+    inf for groups already removed."""
     n = len(alive)
     blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
     grouped = u.reshape(len(u), n, size)
-    score = 0.5 * torch.einsum("rni,nij,rnj->n", grouped, torch.linalg.inv(blocks), grouped)
-    if first_order:
+    inv = torch.linalg.inv(blocks)  # rows a chunk at a time: the product is another [out, in] matrix otherwise
+    score = sum(0.5 * torch.einsum("rni,nij,rnj->n", rows, inv, rows) for rows in grouped.split(1024))
+    if g is not None:
         score += (grouped * g.reshape(len(g), n, size)).sum((0, 2))
     score[~alive] = math.inf
     return score
@@ -75,17 +69,15 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     removes ``per_round`` groups, or without it ceil(deepest level / ``rounds``), fewer where a level ends
     (so ``rounds`` plus up to one round per shallower level): finer rounds rescore after each downdate,
     coarser ones cost less."""
-    w0, h = _prepare(weight, gram, percdamp)
-    g, n = w0 @ h, w0.shape[1] // size
-    del w0  # G carries all of W0 the rounds need
+    u, h = _prepare(weight, gram, percdamp)  # U starts at W0, the optimum with every column alive
+    g, n = u @ h if first_order else None, u.shape[1] // size
     hinv = _invert_in_place(h)  # one [in, in] float64 matrix at a time: an 8B down_proj's is 1.6 GB
-    u = g @ hinv  # the optimum on the alive columns, kept current by the OBS update below
-    alive = torch.ones(n, dtype=torch.bool, device=g.device)
+    alive = torch.ones(n, dtype=torch.bool, device=u.device)
     per_round = per_round or max(1, math.ceil(max(removals) / rounds))
     out, removed, order = {}, 0, []
     for target in sorted(set(removals)):
         while removed < target:
-            score = _score(u, hinv, g, alive, size, first_order)
+            score = _score(u, hinv, g, alive, size)
             pick = torch.topk(score, min(per_round, target - removed), largest=False).indices
             cols = _columns(pick, size)
             inv, rows = torch.linalg.inv(hinv[cols][:, cols]), hinv[cols, :]
@@ -94,7 +86,7 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
             hinv[cols, :], hinv[:, cols], u[:, cols] = 0, 0, 0
             alive[pick], removed = False, removed + len(pick)
             order.append(pick)
-        out[target] = _refit(g, hinv, weight.dtype)
+        out[target] = u.to(weight.dtype, copy=True)  # G_K H_KK^-1: the OBS updates keep U the refit
     return out, torch.cat([*order, alive.nonzero().flatten()])
 
 
