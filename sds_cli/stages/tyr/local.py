@@ -53,7 +53,8 @@ def _score(u: torch.Tensor, hinv: torch.Tensor, g: torch.Tensor | None, alive: t
     blocks = hinv.reshape(n, size, n, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     blocks = blocks + torch.diag_embed((~alive)[:, None].double().expand(n, size))  # invertible when dead
     grouped = u.reshape(len(u), n, size)
-    inv = torch.linalg.inv(blocks)  # rows a chunk at a time: the product is another [out, in] matrix otherwise
+    inv = torch.linalg.inv(blocks)
+    # rows a chunk at a time: the whole product would be another [out, in] float64 matrix
     score = sum(0.5 * torch.einsum("rni,nij,rnj->n", rows, inv, rows) for rows in grouped.split(1024))
     if g is not None:
         score += (grouped * g.reshape(len(g), n, size)).sum((0, 2))
@@ -70,7 +71,8 @@ def obs_levels(weight: torch.Tensor, gram: torch.Tensor, size: int, removals: li
     (so ``rounds`` plus up to one round per shallower level): finer rounds rescore after each downdate,
     coarser ones cost less."""
     u, h = _prepare(weight, gram, percdamp)  # U starts at W0, the optimum with every column alive
-    g, n = u @ h if first_order else None, u.shape[1] // size
+    g = u @ h if first_order else None  # W0 H, for the first-order term only
+    n = u.shape[1] // size
     hinv = _invert_in_place(h)  # one [in, in] float64 matrix at a time: an 8B down_proj's is 1.6 GB
     alive = torch.ones(n, dtype=torch.bool, device=u.device)
     per_round = per_round or max(1, math.ceil(max(removals) / rounds))
